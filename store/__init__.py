@@ -1,0 +1,1 @@
+"""Durable adapter artifacts: schema, validation and storage backends (torch-free)."""
