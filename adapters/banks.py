@@ -1,0 +1,393 @@
+"""Device-resident slot banks and the banked modules that route each row to its slot.
+
+Every bank preallocates `[S, ...]` tensors once. Loading an adapter copies its weights into a
+slot (`load`), evicting zeroes it (`evict`); neither reallocates nor touches the module tree.
+Slot 0 is never loaded, so it is the identity. Mixed ranks share a bank by zero padding, and a
+forward only computes up to the largest rank used by the rows at hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.router import Router
+
+__all__ = [
+    "ACTIVATION_CODES",
+    "BankedLinear",
+    "BankedNorm",
+    "BottleneckBank",
+    "IA3Bank",
+    "LoRABank",
+    "SublayerBanks",
+    "activate",
+]
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "swish": 4, "silu": 4, "tanh": 5}
+
+
+def activate(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Apply the activation with the given code."""
+    if code == 0:
+        return x
+    if code == 1:
+        return F.relu(x)
+    if code == 2:
+        return F.gelu(x)
+    if code == 3:
+        return F.gelu(x, approximate="tanh")
+    if code == 4:
+        return F.silu(x)
+    if code == 5:
+        return torch.tanh(x)
+    raise ValueError(f"unknown activation code {code}")
+
+
+def activate_rows(z: torch.Tensor, codes: np.ndarray, router: Router) -> torch.Tensor:
+    """Apply each row's own activation; one pass when the rows agree."""
+    used = np.unique(codes[router.slots_np])
+    if len(used) == 1:
+        return activate(z, int(used[0]))
+    per_row = torch.as_tensor(codes[router.slots_np], device=z.device)
+    out = z
+    for code in used:
+        mask = (per_row == int(code)).view(-1, *([1] * (z.dim() - 1)))
+        out = torch.where(mask, activate(z, int(code)), out)
+    return out
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """View a per-row tensor `[B, ...]` so it broadcasts over `n` extra middle dims."""
+    return t.view(t.shape[0], *([1] * n), *t.shape[1:])
+
+
+class _Bank(nn.Module):
+    """Common slot bookkeeping: which slots hold data, and the shared router."""
+
+    def __init__(self, *, slots: int, router: Router) -> None:
+        super().__init__()
+        self.num_slots = slots
+        self.router = router
+        self.occupied = np.zeros(slots, dtype=bool)
+
+    def active(self) -> bool:
+        """Whether any row of the current batch uses this bank."""
+        return self.router.slots is not None and self.router.any_in(self.occupied)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} is outside 1..{self.num_slots - 1}")
+
+
+class LoRABank(_Bank):
+    """LoRA factors for one linear: `delta = (x A) B`, B pre-multiplied by the scaling."""
+
+    def __init__(
+        self, *, d_in: int, d_out: int, max_rank: int, slots: int, router: Router, **factory
+    ) -> None:
+        super().__init__(slots=slots, router=router)
+        self.max_rank = max_rank
+        self.register_buffer("A", torch.zeros(slots, d_in, max_rank, **factory), persistent=False)
+        self.register_buffer("B", torch.zeros(slots, max_rank, d_out, **factory), persistent=False)
+        self.rank = np.zeros(slots, dtype=np.int64)
+
+    @torch.no_grad()
+    def load(self, slot: int, *, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Copy PEFT-layout factors (A: [r, in], B: [out, r]) into a slot."""
+        self._check_slot(slot)
+        r = A.shape[0]
+        if r > self.max_rank:
+            raise ValueError(f"LoRA rank {r} exceeds the bank's maximum {self.max_rank}")
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :, :r].copy_(A.t())
+        self.B[slot, :r].copy_(B.t() * scaling)
+        self.rank[slot] = r
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Zero a slot."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.rank[slot] = 0
+        self.occupied[slot] = False
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row LoRA update for input `x` of shape [B, T, in]."""
+        rt = self.router
+        r = int(self.rank[rt.unique].max())
+        single = rt.single
+        if single is not None:
+            return (x @ self.A[single, :, :r]) @ self.B[single, :r]
+        a = self.A[rt.slots, :, :r]
+        b = self.B[rt.slots, :r]
+        return torch.bmm(torch.bmm(x, a), b)
+
+
+class IA3Bank(_Bank):
+    """IA3 rescaling vectors for one linear, on its input and on its output."""
+
+    def __init__(self, *, d_in: int, d_out: int, slots: int, router: Router, **factory) -> None:
+        super().__init__(slots=slots, router=router)
+        self.register_buffer("scale_in", torch.ones(slots, d_in, **factory), persistent=False)
+        self.register_buffer("scale_out", torch.ones(slots, d_out, **factory), persistent=False)
+        self.occ_in = np.zeros(slots, dtype=bool)
+        self.occ_out = np.zeros(slots, dtype=bool)
+
+    @torch.no_grad()
+    def load(self, slot: int, *, vector: torch.Tensor, on_input: bool) -> None:
+        """Copy a rescaling vector into a slot."""
+        self._check_slot(slot)
+        (self.scale_in if on_input else self.scale_out)[slot].copy_(vector)
+        (self.occ_in if on_input else self.occ_out)[slot] = True
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Reset a slot to ones."""
+        self.scale_in[slot].fill_(1.0)
+        self.scale_out[slot].fill_(1.0)
+        self.occ_in[slot] = self.occ_out[slot] = self.occupied[slot] = False
+
+    def rows(self, which: str) -> torch.Tensor | None:
+        """Per-row scale vectors [B, 1, d] for 'in' or 'out', or None when no row uses them."""
+        occ = self.occ_in if which == "in" else self.occ_out
+        if not self.router.any_in(occ):
+            return None
+        bank = self.scale_in if which == "in" else self.scale_out
+        single = self.router.single
+        return bank[single] if single is not None else bank[self.router.slots].unsqueeze(1)
+
+
+class BottleneckBank(_Bank):
+    """Bottleneck adapters `s * up(f(down(x)))`, optionally followed by a per-task LayerNorm."""
+
+    def __init__(self, *, d_in: int, d_out: int, max_dim: int, slots: int, router: Router, **factory) -> None:
+        super().__init__(slots=slots, router=router)
+        self.max_dim = max_dim
+        self.register_buffer("down", torch.zeros(slots, d_in, max_dim, **factory), persistent=False)
+        self.register_buffer("down_b", torch.zeros(slots, max_dim, **factory), persistent=False)
+        self.register_buffer("up", torch.zeros(slots, max_dim, d_out, **factory), persistent=False)
+        self.register_buffer("up_b", torch.zeros(slots, d_out, **factory), persistent=False)
+        self.register_buffer("scale", torch.zeros(slots, **factory), persistent=False)
+        self.register_buffer("ln_w", torch.ones(slots, d_out, **factory), persistent=False)
+        self.register_buffer("ln_b", torch.zeros(slots, d_out, **factory), persistent=False)
+        self.rank = np.zeros(slots, dtype=np.int64)
+        self.act = np.zeros(slots, dtype=np.int64)
+        self.post_ln = np.zeros(slots, dtype=bool)
+
+    @torch.no_grad()
+    def load(
+        self,
+        slot: int,
+        *,
+        down_w: torch.Tensor,
+        down_b: torch.Tensor,
+        up_w: torch.Tensor,
+        up_b: torch.Tensor,
+        activation: str,
+        scale: float | torch.Tensor = 1.0,
+        ln: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Copy nn.Linear-layout weights (down: [r, in], up: [out, r]) into a slot."""
+        self._check_slot(slot)
+        r = down_w.shape[0]
+        if r > self.max_dim:
+            raise ValueError(f"bottleneck width {r} exceeds the bank's maximum {self.max_dim}")
+        self.evict(slot)
+        self.down[slot, :, :r].copy_(down_w.t())
+        self.down_b[slot, :r].copy_(down_b)
+        self.up[slot, :r].copy_(up_w.t())
+        self.up_b[slot].copy_(up_b)
+        self.scale[slot] = scale.reshape(()) if isinstance(scale, torch.Tensor) else float(scale)
+        if ln is not None:
+            self.ln_w[slot].copy_(ln[0])
+            self.ln_b[slot].copy_(ln[1])
+            self.post_ln[slot] = True
+        self.rank[slot] = r
+        self.act[slot] = ACTIVATION_CODES[activation]
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Zero a slot."""
+        for t in (self.down, self.down_b, self.up, self.up_b, self.scale, self.ln_b):
+            t[slot].zero_()
+        self.ln_w[slot].fill_(1.0)
+        self.rank[slot] = self.act[slot] = 0
+        self.post_ln[slot] = self.occupied[slot] = False
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row adapter output for input `x` of shape [B, T, in]."""
+        rt = self.router
+        r = int(self.rank[rt.unique].max())
+        single = rt.single
+        if single is not None:
+            z = torch.addmm(self.down_b[single, :r], x.reshape(-1, x.shape[-1]), self.down[single, :, :r])
+            z = activate(z, int(self.act[single]))
+            y = torch.addmm(self.up_b[single], z, self.up[single, :r]).view(*x.shape[:-1], -1)
+            if self.post_ln[single]:
+                y = F.layer_norm(y, y.shape[-1:], self.ln_w[single], self.ln_b[single])
+            return y * self.scale[single]
+        s = rt.slots
+        z = torch.baddbmm(self.down_b[s, :r].unsqueeze(1), x, self.down[s, :, :r])
+        z = activate_rows(z, self.act, rt)
+        y = torch.baddbmm(self.up_b[s].unsqueeze(1), z, self.up[s, :r])
+        if rt.any_in(self.post_ln):
+            normed = F.layer_norm(y, y.shape[-1:]) * self.ln_w[s].unsqueeze(1) + self.ln_b[s].unsqueeze(1)
+            flag = torch.as_tensor(self.post_ln[rt.slots_np], device=y.device).view(-1, 1, 1)
+            y = torch.where(flag, normed, y)
+        return y * self.scale[s].view(-1, 1, 1)
+
+
+class SublayerBanks(nn.Module):
+    """The adapters that act on one sublayer's output (attention, cross-attention or FFN).
+
+    `x_in` is the sublayer's input, stashed by the sublayer's first projection, which parallel
+    adapters read. Extra banks (prefix, multi-head parallel, tiny attention) attach by name.
+    """
+
+    def __init__(self, *, router: Router) -> None:
+        super().__init__()
+        self.router = router
+        self.seq: BottleneckBank | None = None
+        self.par: BottleneckBank | None = None
+        self.mhpa: nn.Module | None = None
+        self.tiny: nn.Module | None = None
+        self.x_in: torch.Tensor | None = None
+
+    def pre_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Adjust the input of the sublayer's output projection (multi-head parallel adapters)."""
+        if self.mhpa is not None and self.mhpa.active():
+            return x + self.mhpa.delta(self.x_in)
+        return x
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """Apply every active adapter to the sublayer output `y` (before residual and norm)."""
+        x_in, self.x_in = self.x_in, None
+        if self.par is not None and self.par.active():
+            y = y + self.par.delta(x_in)
+        if self.tiny is not None and self.tiny.active():
+            y = y + self.tiny.delta(y)
+        if self.seq is not None and self.seq.active():
+            y = y + self.seq.delta(y)
+        return y
+
+
+class BankedLinear(nn.Module):
+    """A frozen projection plus its LoRA and IA3 banks, and optionally a sublayer's adapters.
+
+    Input projections (q, qkv, ffn_in) stash their input for the sublayer's parallel adapters;
+    output projections (o, ffn_out) apply the sublayer's adapters to what they produce.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        router: Router,
+        lora: LoRABank | None = None,
+        ia3: IA3Bank | None = None,
+        stash: SublayerBanks | None = None,
+        sublayer: SublayerBanks | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.lora = lora
+        self.ia3 = ia3
+        # stash is a plain attribute: the sublayer banks are registered on the output projection.
+        object.__setattr__(self, "stash", stash)
+        self.sublayer = sublayer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (some model code reads it directly)."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base projection plus each row's own adapters."""
+        if self.stash is not None:
+            self.stash.x_in = x
+        if self.router.slots is None:
+            return self.base(x)
+        if self.sublayer is not None:
+            x = self.sublayer.pre_output(x)
+        scale_in = scale_out = None
+        if self.ia3 is not None and self.ia3.active():
+            scale_in, scale_out = self.ia3.rows("in"), self.ia3.rows("out")
+        y = self.base(x if scale_in is None else x * scale_in)
+        if self.lora is not None and self.lora.active():
+            y = y + self.lora.delta(x)
+        if scale_out is not None:
+            y = y * scale_out
+        if self.sublayer is not None:
+            y = self.sublayer.apply(y)
+        return y
+
+
+class BankedNorm(_Bank):
+    """A LayerNorm (or T5 RMSNorm) whose affine parameters can be overridden per task."""
+
+    def __init__(self, base: nn.Module, *, slots: int, router: Router) -> None:
+        super().__init__(slots=slots, router=router)
+        self.base = base
+        self.rms = not isinstance(base, nn.LayerNorm)
+        self.eps = float(getattr(base, "eps", getattr(base, "variance_epsilon", 1e-6)))
+        w = base.weight.detach()
+        self.register_buffer("w", w.unsqueeze(0).repeat(slots, 1), persistent=False)
+        b = getattr(base, "bias", None)
+        self.register_buffer(
+            "b", None if b is None else b.detach().unsqueeze(0).repeat(slots, 1), persistent=False
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight."""
+        return self.base.weight
+
+    @torch.no_grad()
+    def load(self, slot: int, *, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Copy a task's norm parameters into a slot."""
+        self._check_slot(slot)
+        self.w[slot].copy_(weight)
+        if self.b is not None and bias is not None:
+            self.b[slot].copy_(bias)
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Restore a slot to the base parameters."""
+        self.w[slot].copy_(self.base.weight)
+        if self.b is not None:
+            self.b[slot].copy_(self.base.bias)
+        self.occupied[slot] = False
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rms:
+            return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(self.w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base norm, or each row's own affine parameters when any row overrides them."""
+        if not self.active():
+            return self.base(x)
+        n = self._normalize(x)
+        s = self.router.slots
+        extra = x.dim() - 2
+        y = n * _rows(self.w[s], extra)
+        if self.b is not None:
+            y = y + _rows(self.b[s], extra)
+        return y
+
+
+def lora_scaling(*, alpha: float, r: int, rslora: bool) -> float:
+    """LoRA's output scaling: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r

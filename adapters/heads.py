@@ -1,0 +1,139 @@
+"""Per-task heads in slot banks: each row of a mixed batch gets its own head's output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapters.banks import _Bank
+from adapters.router import Router
+
+__all__ = ["HeadBank", "HeadOutput", "decode_row"]
+
+POOLING = {"cls": 0, "mean": 1, "pooler": 2}
+KINDS = {"classification": 0, "multi_label": 1, "regression": 2}
+
+
+@dataclass
+class HeadOutput:
+    """Raw head outputs of a batch: logits padded to the bank's width, and each row's width."""
+
+    logits: torch.Tensor
+    num_outputs: np.ndarray
+    kinds: np.ndarray
+
+
+class HeadBank(_Bank):
+    """Linear (or dense + tanh + linear) heads over CLS, mean or pooler outputs, one per slot."""
+
+    def __init__(
+        self, *, hidden: int, max_outputs: int, two_layer: bool, slots: int, router: Router, **factory
+    ):
+        super().__init__(slots=slots, router=router)
+        self.max_outputs = max_outputs
+        self.register_buffer("out_w", torch.zeros(slots, hidden, max_outputs, **factory), persistent=False)
+        self.register_buffer("out_b", torch.zeros(slots, max_outputs, **factory), persistent=False)
+        shape = (slots, hidden, hidden) if two_layer else (0,)
+        self.register_buffer("dense_w", torch.zeros(*shape, **factory), persistent=False)
+        self.register_buffer("dense_b", torch.zeros(slots, hidden, **factory), persistent=False)
+        self.two_layer_ok = two_layer
+        self.num_outputs = np.zeros(slots, dtype=np.int64)
+        self.pooling = np.zeros(slots, dtype=np.int64)
+        self.layers = np.zeros(slots, dtype=np.int64)
+        self.kind = np.zeros(slots, dtype=np.int64)
+
+    @torch.no_grad()
+    def load(
+        self,
+        slot: int,
+        *,
+        kind: str,
+        pooling: str,
+        out_w: torch.Tensor,
+        out_b: torch.Tensor,
+        dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Copy a head (nn.Linear layout: out_w [C, H]) into a slot."""
+        self._check_slot(slot)
+        c = out_w.shape[0]
+        if c > self.max_outputs:
+            raise ValueError(f"head with {c} outputs exceeds the bank's maximum {self.max_outputs}")
+        if dense is not None and not self.two_layer_ok:
+            raise ValueError("two-layer heads are disabled in this bank configuration")
+        self.evict(slot)
+        self.out_w[slot, :, :c].copy_(out_w.t())
+        self.out_b[slot, :c].copy_(out_b)
+        if dense is not None:
+            self.dense_w[slot].copy_(dense[0].t())
+            self.dense_b[slot].copy_(dense[1])
+        self.num_outputs[slot] = c
+        self.pooling[slot] = POOLING[pooling]
+        self.layers[slot] = 2 if dense is not None else 1
+        self.kind[slot] = KINDS[kind]
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Zero a slot."""
+        self.out_w[slot].zero_()
+        self.out_b[slot].zero_()
+        if self.two_layer_ok:
+            self.dense_w[slot].zero_()
+        self.dense_b[slot].zero_()
+        self.num_outputs[slot] = self.pooling[slot] = self.layers[slot] = self.kind[slot] = 0
+        self.occupied[slot] = False
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, pooler: torch.nn.Module | None
+    ) -> HeadOutput:
+        """Pool each row as its head wants, then apply that head; rows are grouped by slot."""
+        rt = self.router
+        slots_np = rt.slots_np
+        codes = self.pooling[slots_np]
+        cls = hidden[:, 0]
+        pooled = cls
+        if (codes == POOLING["mean"]).any():
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            pooled = torch.where(torch.as_tensor(codes == 1, device=hidden.device)[:, None], mean, pooled)
+        if (codes == POOLING["pooler"]).any():
+            if pooler is None:
+                raise ValueError("a head asks for the pooler, but this backbone has none")
+            pooled = torch.where(
+                torch.as_tensor(codes == 2, device=hidden.device)[:, None], pooler(hidden), pooled
+            )
+        logits = hidden.new_zeros(hidden.shape[0], self.max_outputs)
+        for slot in rt.unique:
+            rows = np.nonzero(slots_np == slot)[0]
+            idx = torch.as_tensor(rows, device=hidden.device)
+            x = pooled.index_select(0, idx) if len(rows) != len(slots_np) else pooled
+            if self.layers[slot] == 2:
+                x = torch.tanh(torch.addmm(self.dense_b[slot], x, self.dense_w[slot]))
+            y = torch.addmm(self.out_b[slot], x, self.out_w[slot])
+            if len(rows) == len(slots_np):
+                logits = y
+            else:
+                logits.index_copy_(0, idx, y)
+        return HeadOutput(logits=logits, num_outputs=self.num_outputs[slots_np], kinds=self.kind[slots_np])
+
+
+def decode_row(logits: torch.Tensor, *, kind: str, labels: list[str], all_scores: bool = False) -> dict:
+    """Turn one row's logits into the API's output: label + score (+ scores), or value."""
+    if kind == "regression":
+        return {"value": float(logits[0])}
+    c = len(labels)
+    z = logits[:c].float()
+    if kind == "multi_label":
+        probs = torch.sigmoid(z)
+        out = {"labels": [lab for lab, p in zip(labels, probs.tolist(), strict=True) if p >= 0.5]}
+        out["scores"] = dict(zip(labels, probs.tolist(), strict=True))
+        return out
+    probs = F.softmax(z, dim=-1)
+    best = int(probs.argmax())
+    out = {"label": labels[best], "score": float(probs[best])}
+    if all_scores:
+        out["scores"] = dict(zip(labels, probs.tolist(), strict=True))
+    return out

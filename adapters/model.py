@@ -1,0 +1,285 @@
+"""MultiTaskModel: a frozen backbone whose sites hold slot banks, routed per row.
+
+    model = MultiTaskModel(backbone, banks=BankConfig(slots=16))
+    model.load(1, config, tensors)          # copy an adapter (+ head) into slot 1
+    out = model.classify(input_ids, attention_mask, slot_ids)   # rows may use any slots
+
+The module tree is changed once, here, at construction; loading and evicting only copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.attention import PrefixBank, install_attention_hook
+from adapters.backbone import Backbone
+from adapters.banks import BankedLinear, BankedNorm, BottleneckBank, IA3Bank, LoRABank, SublayerBanks
+from adapters.heads import HeadBank, HeadOutput
+from adapters.methods import common_entries, get_method
+from adapters.router import Router
+from store.artifact import expected_tensors
+
+__all__ = ["BankConfig", "MultiTaskModel"]
+
+_PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o")
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """How much device memory the banks take: slot count and the largest adapter of each kind."""
+
+    slots: int = 16
+    """Slots per bank, slot 0 (the identity) included; at most slots-1 adapters are resident."""
+    lora_max_rank: int = 16
+    """Largest LoRA rank a slot holds (0 disables LoRA banks)."""
+    lora_targets: tuple[str, ...] = _PROJECTIONS
+    """Projections that get LoRA banks."""
+    ia3: bool = True
+    """Whether projections get IA3 banks."""
+    bottleneck_max_dim: int = 64
+    """Largest bottleneck width of sequential and parallel adapters (0 disables them)."""
+    prefix_max_len: int = 32
+    """Longest prefix a slot holds (0 disables prefix banks)."""
+    layernorm: bool = True
+    """Whether norms get per-task override banks."""
+    head_max_outputs: int = 32
+    """Most labels a task head may have."""
+    head_two_layer: bool = True
+    """Whether two-layer (dense + tanh + linear) heads are supported."""
+
+
+class MultiTaskModel(nn.Module):
+    """A frozen backbone serving many adapters at once; each row picks its slot."""
+
+    def __init__(self, backbone: Backbone, *, banks: BankConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = banks or BankConfig()
+        self.spec = backbone.spec
+        self.router = Router()
+        self.lock = threading.RLock()
+        self.banks: dict[tuple[str, str], nn.Module] = {}
+        self._bank_modules = nn.ModuleDict()
+        self._slot_banks: dict[int, list[nn.Module]] = {}
+        self._install()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _factory(self) -> dict:
+        return {"device": self.backbone.device, "dtype": self.backbone.dtype}
+
+    def _register(self, key: str, kind: str, bank: nn.Module) -> None:
+        self.banks[(key, kind)] = bank
+        self._bank_modules[f"{key}:{kind}".replace(".", "_")] = bank
+
+    def _install(self) -> None:
+        cfg, spec, arch = self.config, self.spec, self.backbone.arch
+        core = self.backbone.core
+        fac, rt, s = self._factory(), self.router, cfg.slots
+        h = spec.hidden_size
+        install_attention_hook(self.backbone.model)
+        for stack, path in arch.stacks.items():
+            for i, layer in enumerate(core.get_submodule(path)):
+                paths = arch.layer[stack]
+                sublayers: dict[str, SublayerBanks] = {}
+                for site in ("attn", "ffn", "cross"):
+                    if arch.outputs[site] not in paths:
+                        continue
+                    sb = SublayerBanks(router=rt)
+                    if cfg.bottleneck_max_dim:
+                        for kind in ("seq", "par"):
+                            bank = BottleneckBank(
+                                d_in=h, d_out=h, max_dim=cfg.bottleneck_max_dim, slots=s, router=rt, **fac
+                            )
+                            setattr(sb, kind, bank)
+                            self._register(f"{stack}.{i}.{site}", kind, bank)
+                    sublayers[site] = sb
+                for proj in _PROJECTIONS:
+                    if proj not in paths:
+                        continue
+                    key = f"{stack}.{i}.{proj}"
+                    d_in, d_out = (h, 3 * spec.inner_dim) if proj == "qkv" else spec.site_dims(proj)
+                    lora = ia3 = None
+                    if cfg.lora_max_rank and proj in cfg.lora_targets:
+                        lora = LoRABank(
+                            d_in=d_in, d_out=d_out, max_rank=cfg.lora_max_rank, slots=s, router=rt, **fac
+                        )
+                        self._register(key, "lora", lora)
+                    if cfg.ia3:
+                        ia3 = IA3Bank(d_in=d_in, d_out=d_out, slots=s, router=rt, **fac)
+                        self._register(key, "ia3", ia3)
+                    stash = next(
+                        (sublayers[st] for st, p in arch.inputs.items() if p == proj and st in sublayers),
+                        None,
+                    )
+                    out = next(
+                        (sublayers[st] for st, p in arch.outputs.items() if p == proj and st in sublayers),
+                        None,
+                    )
+                    wrapped = BankedLinear(
+                        layer.get_submodule(paths[proj]),
+                        router=rt,
+                        lora=lora,
+                        ia3=ia3,
+                        stash=stash,
+                        sublayer=out,
+                    )
+                    _replace(layer, paths[proj], wrapped)
+                if cfg.layernorm:
+                    for norm in ("attn_ln", "ffn_ln", "cross_ln"):
+                        if norm in paths:
+                            bank = BankedNorm(layer.get_submodule(paths[norm]), slots=s, router=rt)
+                            _replace(layer, paths[norm], bank)
+                            self._register(f"{stack}.{i}.{norm}", "ln", bank)
+                if cfg.prefix_max_len and stack in arch.attention:
+                    attn = layer.get_submodule(arch.attention[stack])
+                    bank = PrefixBank(
+                        max_len=cfg.prefix_max_len,
+                        inner=spec.inner_dim,
+                        num_heads=spec.num_heads,
+                        slots=s,
+                        router=rt,
+                        **fac,
+                    )
+                    attn.adapterserve_prefix = bank
+                    self._register(f"{stack}.{i}.attn", "prefix", bank)
+        if not self.backbone.generative or spec.num_layers:
+            head = HeadBank(
+                hidden=h,
+                max_outputs=cfg.head_max_outputs,
+                two_layer=cfg.head_two_layer,
+                slots=s,
+                router=rt,
+                **fac,
+            )
+            self._register("head", "head", head)
+
+    # -- slots --------------------------------------------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        """Usable slots (slot 0 is the identity)."""
+        return self.config.slots - 1
+
+    def entries(self, config, tensors: dict[str, torch.Tensor]) -> list:
+        """Validate an adapter against this backbone and turn it into bank entries."""
+        shapes = expected_tensors(config, self.spec)
+        for name, shape in shapes.items():
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name!r}")
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; expected {shape}")
+        extra = set(tensors) - set(shapes)
+        if extra:
+            raise ValueError(f"unexpected tensor {sorted(extra)[0]!r}")
+        dev = {"device": self.backbone.device, "dtype": self.backbone.dtype}
+        tensors = {k: v.to(**dev) for k, v in tensors.items()}
+        entries = get_method(config.method).entries(config, tensors, self.spec)
+        entries += common_entries(config, tensors, self.spec)
+        for e in entries:
+            if (e.key, e.kind) not in self.banks:
+                raise ValueError(f"this server has no {e.kind} bank at {e.key}; check its bank settings")
+        return entries
+
+    def load(self, slot: int, config, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""
+        if not 0 < slot < self.config.slots:
+            raise IndexError(f"slot {slot} is outside 1..{self.num_slots}")
+        entries = self.entries(config, tensors)
+        with self.lock:
+            self.evict(slot)
+            used: list[nn.Module] = []
+            self._slot_banks[slot] = used
+            try:
+                for e in entries:
+                    bank = self.banks[(e.key, e.kind)]
+                    bank.load(slot, **e.kwargs)
+                    used.append(bank)
+            except Exception:
+                self.evict(slot)
+                raise
+
+    def evict(self, slot: int) -> None:
+        """Free a slot in every bank that holds it."""
+        with self.lock:
+            for bank in self._slot_banks.pop(slot, []):
+                bank.evict(slot)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _slot_tensor(self, slot_ids, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(slot_ids, dtype=torch.long, device=self.backbone.device)
+        if t.shape != (batch,):
+            raise ValueError(f"slot_ids must have one entry per row ({batch}), got shape {tuple(t.shape)}")
+        if int(t.min()) < 0 or int(t.max()) >= self.config.slots:
+            raise IndexError("slot id out of range")
+        return t
+
+    @torch.inference_mode()
+    def hidden(self, input_ids, attention_mask, slot_ids, **kwargs) -> torch.Tensor:
+        """Last hidden states of the encoder (or of the decoder for decoder-only models)."""
+        with (
+            self.lock,
+            self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
+        ):
+            return self._encode(input_ids, attention_mask, **kwargs)
+
+    def _encode(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        core = self.backbone.core
+        if self.backbone.arch.family in ("t5", "bart"):
+            enc = core.get_encoder() if hasattr(core, "get_encoder") else core.encoder
+            return enc(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return core(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    @torch.inference_mode()
+    def classify(self, input_ids, attention_mask, slot_ids, **kwargs) -> HeadOutput:
+        """Each row's own head output over the encoder's hidden states."""
+        head = self.banks.get(("head", "head"))
+        if head is None:
+            raise ValueError("this backbone has no encoder to put task heads on")
+        with (
+            self.lock,
+            self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
+        ):
+            hidden = self._encode(input_ids, attention_mask, **kwargs)
+            pooler = (
+                getattr(self.backbone.core, self.backbone.arch.pooler, None)
+                if self.backbone.arch.pooler
+                else None
+            )
+            return head(hidden, attention_mask, pooler)
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask, slot_ids, **kwargs) -> torch.Tensor:
+        """Language-model logits of a generative backbone (decoder side for seq2seq)."""
+        with (
+            self.lock,
+            self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
+        ):
+            return self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask, slot_ids, *, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy generation with each row's adapter; returns only the new tokens."""
+        with (
+            self.lock,
+            self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
+        ):
+            out = self.backbone.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+        if self.backbone.arch.family == "gpt2":
+            return out[:, input_ids.shape[1] :]
+        return out
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
