@@ -17,7 +17,9 @@ class BackboneSpec(BaseModel):
     model_type: str = Field(description="The Hugging Face `model_type` (bert, roberta, t5, ...).")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
     num_layers: int = Field(ge=0, description="Layers of the encoder stack (0 for decoder-only models).")
-    num_decoder_layers: int = Field(ge=0, description="Layers of the decoder stack (0 for encoder-only models).")
+    num_decoder_layers: int = Field(
+        ge=0, description="Layers of the decoder stack (0 for encoder-only models)."
+    )
     num_heads: int = Field(gt=0, description="Attention heads per layer.")
     head_dim: int = Field(gt=0, description="Width of one attention head.")
     intermediate_size: int = Field(gt=0, description="Width of the FFN's inner projection.")
