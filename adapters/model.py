@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from adapters.attention import PrefixBank, install_attention_hook
+from adapters.attn_banks import MHParallelBank, TinyAttentionBank
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear, BankedNorm, BottleneckBank, IA3Bank, LoRABank, SublayerBanks
 from adapters.heads import HeadBank, HeadOutput
@@ -46,6 +47,12 @@ class BankConfig:
     """Longest prefix a slot holds (0 disables prefix banks)."""
     layernorm: bool = True
     """Whether norms get per-task override banks."""
+    mh_parallel_max_dim: int = 16
+    """Largest per-head bottleneck of multi-head parallel adapters (0 disables them)."""
+    tiny_max_dim: int = 8
+    """Largest width E of tiny-attention adapters (0 disables them)."""
+    tiny_max_heads: int = 4
+    """Most heads of a tiny-attention adapter served in multi-head form."""
     head_max_outputs: int = 32
     """Most labels a task head may have."""
     head_two_layer: bool = True
@@ -97,6 +104,27 @@ class MultiTaskModel(nn.Module):
                             )
                             setattr(sb, kind, bank)
                             self._register(f"{stack}.{i}.{site}", kind, bank)
+                    if site == "attn" and cfg.mh_parallel_max_dim:
+                        sb.mhpa = MHParallelBank(
+                            hidden=h,
+                            heads=spec.num_heads,
+                            head_dim=spec.head_dim,
+                            max_dim=cfg.mh_parallel_max_dim,
+                            slots=s,
+                            router=rt,
+                            **fac,
+                        )
+                        self._register(f"{stack}.{i}.{site}", "mhpa", sb.mhpa)
+                    if site == "attn" and stack == "encoder" and cfg.tiny_max_dim:
+                        sb.tiny = TinyAttentionBank(
+                            hidden=h,
+                            max_dim=cfg.tiny_max_dim,
+                            max_heads=cfg.tiny_max_heads,
+                            slots=s,
+                            router=rt,
+                            **fac,
+                        )
+                        self._register(f"{stack}.{i}.{site}", "tiny", sb.tiny)
                     sublayers[site] = sb
                 for proj in _PROJECTIONS:
                     if proj not in paths:

@@ -358,7 +358,10 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
             out[f"{p}.up.bias"] = (spec.inner_dim,)
     if m == "tiny_attention":
         e, k = config.attention_dim, config.num_heads
+        # Encoder stacks only: a decoder would need causal attention over cached context.
         for stack, i, _ in _layers(spec, sites=["attn"]):
+            if stack != "encoder":
+                continue
             p = f"{stack}.{i}.attn.tiny"
             out |= {
                 f"{p}.ln.weight": (h,),

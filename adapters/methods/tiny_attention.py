@@ -1,0 +1,45 @@
+"""Tiny-attention adapter: `a + out(MHA_E(in(LN(a))))` at the attention output, E tiny."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters.methods.base import Entry, Method
+
+_PARTS = ("ln.weight", "ln.bias", "in.weight", "in.bias", "qkv.weight", "qkv.bias", "o.weight", "o.bias")
+_PARTS += ("out.weight", "out.bias")
+
+
+def average_heads(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The deployment transform: average the K trained heads' weights into one head."""
+    out = dict(layer)
+    for name in ("qkv.weight", "qkv.bias", "o.weight", "o.bias"):
+        out[name] = layer[name].mean(0, keepdim=True)
+    return out
+
+
+def tiny_stacks(spec) -> list[str]:
+    """Stacks that take tiny attention: encoders (decoders would need causal, cached context)."""
+    return ["encoder"] if spec.num_layers else []
+
+
+class TinyAttention(Method):
+    """Per-row tiny attention over the row's own tokens (padding masked)."""
+
+    name = "tiny_attention"
+
+    def entries(self, config, tensors, spec):
+        """One tiny-attention entry per encoder layer; heads averaged unless deploy='multihead'."""
+        out = []
+        for stack in tiny_stacks(spec):
+            for i in range(spec.stacks[stack]):
+                key = f"{stack}.{i}.attn"
+                layer = {part: tensors[f"{key}.tiny.{part}"] for part in _PARTS}
+                if config.deploy == "average":
+                    layer = average_heads(layer)
+                out.append(Entry(key, "tiny", {"tensors": layer}))
+        return out
+
+    def identity(self, shapes):
+        """Zero output projection: the adapter adds nothing (LN weight 1 keeps it well defined)."""
+        return {k: torch.ones(s) if k.endswith("ln.weight") else torch.zeros(s) for k, s in shapes.items()}
