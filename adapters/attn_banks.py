@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from adapters.banks import ACTIVATION_CODES, _Bank, activate, activate_rows
 from adapters.router import Router
 
-__all__ = ["MHParallelBank", "TinyAttentionBank"]
+__all__ = ["FactoredPHMBank", "MHParallelBank", "TinyAttentionBank"]
 
 
 class MHParallelBank(_Bank):
@@ -154,3 +154,68 @@ class TinyAttentionBank(_Bank):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         o = torch.einsum("bkte,bkef->btf", ctx, self.o_w[s]) + self.o_b[s].unsqueeze(1)
         return torch.baddbmm(self.out_b[s].unsqueeze(1), o, self.out_w[s])
+
+
+class FactoredPHMBank(_Bank):
+    """Compacter/PHM adapters kept as factors and expanded per batch, for the slots in use only.
+
+    Holds the shared rule A [S, n, n, n] and the per-layer B_i of down and up; a forward expands
+    `sum_i A_i ⊗ B_i` for the batch's distinct slots. Narrower adapters pad q = r/n up to the
+    bank's maximum inside each Kronecker block, which keeps the expansion exact.
+    """
+
+    def __init__(self, *, hidden: int, n: int, max_dim: int, slots: int, router: Router, **fac):
+        super().__init__(slots=slots, router=router)
+        if hidden % n or max_dim % n:
+            raise ValueError(f"phm dimension {n} must divide hidden {hidden} and max width {max_dim}")
+        self.n, self.p, self.qmax = n, hidden // n, max_dim // n
+        self.register_buffer("rule", torch.zeros(slots, n, n, n, **fac), persistent=False)
+        self.register_buffer("down_f", torch.zeros(slots, n, self.p, self.qmax, **fac), persistent=False)
+        self.register_buffer("up_f", torch.zeros(slots, n, self.qmax, self.p, **fac), persistent=False)
+        self.register_buffer("down_b", torch.zeros(slots, n, self.qmax, **fac), persistent=False)
+        self.register_buffer("up_b", torch.zeros(slots, hidden, **fac), persistent=False)
+        self.register_buffer("scale", torch.zeros(slots, **fac), persistent=False)
+        self.q = np.zeros(slots, dtype=np.int64)
+        self.act = np.zeros(slots, dtype=np.int64)
+
+    @torch.no_grad()
+    def load(self, slot, *, rule, down_f, up_f, down_b, up_b, activation: str, scale: float) -> None:
+        """Copy factors (rule [n,n,n], down B_i [n, in/n, r/n], up B_i [n, r/n, out/n]) into a slot."""
+        self._check_slot(slot)
+        n, _, q = down_f.shape
+        if n != self.n or q > self.qmax:
+            raise ValueError(f"factored PHM bank holds n={self.n}, width <= {self.qmax * self.n}")
+        self.evict(slot)
+        self.rule[slot].copy_(rule)
+        self.down_f[slot, :, :, :q].copy_(down_f)
+        self.up_f[slot, :, :q].copy_(up_f)
+        self.down_b[slot, :, :q].copy_(down_b.view(n, q))
+        self.up_b[slot].copy_(up_b)
+        self.scale[slot] = float(scale)
+        self.q[slot] = q
+        self.act[slot] = ACTIVATION_CODES[activation]
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Zero a slot."""
+        for t in (self.rule, self.down_f, self.up_f, self.down_b, self.up_b, self.scale):
+            t[slot].zero_()
+        self.q[slot] = self.act[slot] = 0
+        self.occupied[slot] = False
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand the batch's slots' weights, then run each row's bottleneck."""
+        rt = self.router
+        u = torch.as_tensor(rt.unique, device=x.device)
+        q = int(self.q[rt.unique].max())
+        n, p = self.n, self.p
+        rule = self.rule[u]
+        down = torch.einsum("uiac,uibd->uabcd", rule, self.down_f[u, :, :, :q]).reshape(len(u), n * p, n * q)
+        up = torch.einsum("uiac,uibd->uabcd", rule, self.up_f[u, :, :q]).reshape(len(u), n * q, n * p)
+        inv = torch.as_tensor(np.searchsorted(rt.unique, rt.slots_np), device=x.device)
+        s = rt.slots
+        z = torch.baddbmm(self.down_b[s, :, :q].reshape(len(s), 1, -1), x, down[inv])
+        z = activate_rows(z, self.act, rt)
+        y = torch.baddbmm(self.up_b[s].unsqueeze(1), z, up[inv])
+        return y * self.scale[s].view(-1, 1, 1)

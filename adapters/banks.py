@@ -260,6 +260,7 @@ class SublayerBanks(nn.Module):
         self.par: BottleneckBank | None = None
         self.mhpa: nn.Module | None = None
         self.tiny: nn.Module | None = None
+        self.phm: nn.Module | None = None
         self.x_in: torch.Tensor | None = None
 
     def pre_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +278,8 @@ class SublayerBanks(nn.Module):
             y = y + self.tiny.delta(y)
         if self.seq is not None and self.seq.active():
             y = y + self.seq.delta(y)
+        if self.phm is not None and self.phm.active():
+            y = y + self.phm.delta(y)
         return y
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapters.attention import PrefixBank, install_attention_hook
-from adapters.attn_banks import MHParallelBank, TinyAttentionBank
+from adapters.attn_banks import FactoredPHMBank, MHParallelBank, TinyAttentionBank
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear, BankedNorm, BottleneckBank, IA3Bank, LoRABank, SublayerBanks
 from adapters.heads import HeadBank, HeadOutput
@@ -53,6 +53,10 @@ class BankConfig:
     """Largest width E of tiny-attention adapters (0 disables them)."""
     tiny_max_heads: int = 4
     """Most heads of a tiny-attention adapter served in multi-head form."""
+    compacter_factored: bool = False
+    """Keep Compacter/PHM factors resident and expand them per batch (less memory, more compute)."""
+    phm_dim: int = 4
+    """The Kronecker dimension n the factored Compacter banks hold."""
     head_max_outputs: int = 32
     """Most labels a task head may have."""
     head_two_layer: bool = True
@@ -125,6 +129,11 @@ class MultiTaskModel(nn.Module):
                             **fac,
                         )
                         self._register(f"{stack}.{i}.{site}", "tiny", sb.tiny)
+                    if cfg.compacter_factored and cfg.bottleneck_max_dim:
+                        sb.phm = FactoredPHMBank(
+                            hidden=h, n=cfg.phm_dim, max_dim=cfg.bottleneck_max_dim, slots=s, router=rt, **fac
+                        )
+                        self._register(f"{stack}.{i}.{site}", "phm", sb.phm)
                     sublayers[site] = sb
                 for proj in _PROJECTIONS:
                     if proj not in paths:
@@ -206,7 +215,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"unexpected tensor {sorted(extra)[0]!r}")
         dev = {"device": self.backbone.device, "dtype": self.backbone.dtype}
         tensors = {k: v.to(**dev) for k, v in tensors.items()}
-        entries = get_method(config.method).entries(config, tensors, self.spec)
+        entries = get_method(config.method).entries(config, tensors, self.spec, banks=self.config)
         entries += common_entries(config, tensors, self.spec)
         for e in entries:
             if (e.key, e.kind) not in self.banks:

@@ -30,7 +30,9 @@ class Method:
 
     name: ClassVar[str]
 
-    def entries(self, config, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> list[Entry]:
+    def entries(
+        self, config, tensors: dict[str, torch.Tensor], spec: BackboneSpec, *, banks=None
+    ) -> list[Entry]:
         """Bank entries for this adapter (heads and LayerNorm overrides are added by the model)."""
         raise NotImplementedError
 

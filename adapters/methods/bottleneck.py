@@ -22,7 +22,7 @@ class Bottleneck(Method):
 
     name = "bottleneck"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One sequential-bank entry per adapted sublayer."""
         return [
             Entry(

@@ -32,12 +32,24 @@ class Compacter(Method):
 
     name = "compacter"
 
-    def entries(self, config, tensors, spec):
-        """Materialize each PHM layer into a dense sequential-bank entry."""
+    def entries(self, config, tensors, spec, *, banks=None):
+        """Materialize each PHM layer into a dense sequential entry, or keep it factored."""
         rule = tensors["phm_rule"]
         out = []
         for key, _ in layer_keys(spec, config.sites):
             p = f"{key}.seq"
+            if banks is not None and banks.compacter_factored:
+                kw = {
+                    "rule": rule,
+                    "down_f": phm_factor(tensors, f"{p}.down", config.variant),
+                    "up_f": phm_factor(tensors, f"{p}.up", config.variant),
+                    "down_b": tensors[f"{p}.down.bias"],
+                    "up_b": tensors[f"{p}.up.bias"],
+                    "activation": config.activation,
+                    "scale": config.scaling,
+                }
+                out.append(Entry(key, "phm", kw))
+                continue
             down = kron_sum(rule, phm_factor(tensors, f"{p}.down", config.variant))  # [in, r]
             up = kron_sum(rule, phm_factor(tensors, f"{p}.up", config.variant))  # [r, out]
             kw = {

@@ -12,7 +12,7 @@ class IA3(Method):
 
     name = "ia3"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One IA3-bank entry per adapted projection."""
         out = []
         for name, vec in tensors.items():

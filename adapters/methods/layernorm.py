@@ -10,6 +10,6 @@ class LayerNormOnly(Method):
 
     name = "layernorm"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """Nothing beyond the common LayerNorm and head entries."""
         return []

@@ -13,7 +13,7 @@ class LoRA(Method):
 
     name = "lora"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One LoRA-bank entry per adapted projection."""
         out = []
         for name, a in tensors.items():

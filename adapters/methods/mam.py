@@ -12,7 +12,7 @@ class MAM(Method):
 
     name = "mam"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """Prefix entries plus one parallel entry per FFN."""
         out = prefix_entries(tensors, spec)
         for key, _ in layer_keys(spec, ["ffn"]):

@@ -10,7 +10,7 @@ class MHParallel(Method):
 
     name = "mh_parallel"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One multi-head parallel entry per self-attention."""
         out = []
         for key, _ in layer_keys(spec, ["attn"]):

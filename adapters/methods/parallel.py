@@ -13,7 +13,7 @@ class Parallel(Method):
 
     name = "parallel"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One parallel-bank entry per adapted sublayer."""
         out = []
         for key, _ in layer_keys(spec, config.sites):

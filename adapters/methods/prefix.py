@@ -41,6 +41,6 @@ class Prefix(Method):
 
     name = "prefix"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """Prefix entries for every self-attention."""
         return prefix_entries(tensors, spec)

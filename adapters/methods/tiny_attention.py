@@ -28,7 +28,7 @@ class TinyAttention(Method):
 
     name = "tiny_attention"
 
-    def entries(self, config, tensors, spec):
+    def entries(self, config, tensors, spec, *, banks=None):
         """One tiny-attention entry per encoder layer; heads averaged unless deploy='multihead'."""
         out = []
         for stack in tiny_stacks(spec):
