@@ -29,6 +29,8 @@ _INNER_IMPL = "sdpa"
 class PrefixBank(_Bank):
     """Per-task key/value prefixes for one self-attention, already projected: `[S, L, inner]`."""
 
+    _meta = ("length",)
+
     def __init__(self, *, max_len: int, inner: int, num_heads: int, slots: int, router: Router, **factory):
         super().__init__(slots=slots, router=router)
         self.max_len = max_len
@@ -37,26 +39,12 @@ class PrefixBank(_Bank):
         self.register_buffer("value", torch.zeros(slots, max_len, inner, **factory), persistent=False)
         self.length = np.zeros(slots, dtype=np.int64)
 
-    @torch.no_grad()
-    def load(self, slot: int, *, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Copy a task's prefixes ([L, inner] each) into a slot."""
-        self._check_slot(slot)
+    def layout(self, *, key: torch.Tensor, value: torch.Tensor):
+        """A task's prefixes, [L, inner] each."""
         n = key.shape[0]
         if n > self.max_len:
             raise ValueError(f"prefix length {n} exceeds the bank's maximum {self.max_len}")
-        self.evict(slot)
-        self.key[slot, :n].copy_(key)
-        self.value[slot, :n].copy_(value)
-        self.length[slot] = n
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        self.key[slot].zero_()
-        self.value[slot].zero_()
-        self.length[slot] = 0
-        self.occupied[slot] = False
+        return {"key": key, "value": value}, {"length": n}
 
     def extend(self, key: torch.Tensor, value: torch.Tensor, mask, position_bias, *, causal: bool):
         """Prepend the rows' prefixes to head-split keys/values `[B, nh, T, d]`; extend mask and bias."""

@@ -21,6 +21,8 @@ class MHParallelBank(_Bank):
     down as [S, H, heads, r] and up as [S, heads, r, d] so ranks pad per head.
     """
 
+    _meta = ("rank", "act")
+
     def __init__(
         self, *, hidden: int, heads: int, head_dim: int, max_dim: int, slots: int, router: Router, **fac
     ):
@@ -34,30 +36,19 @@ class MHParallelBank(_Bank):
         self.rank = np.zeros(slots, dtype=np.int64)
         self.act = np.zeros(slots, dtype=np.int64)
 
-    @torch.no_grad()
-    def load(self, slot, *, down_w, down_b, up_w, up_b, activation: str, scale: float) -> None:
-        """Copy weights (down: [heads*r, H] head-major, up: [heads, d, r]) into a slot."""
-        self._check_slot(slot)
+    def layout(self, *, down_w, down_b, up_w, up_b, activation: str, scale):
+        """Weights (down: [heads*r, H] head-major, up: [heads, d, r]) -> per-head bank layout."""
         r = down_w.shape[0] // self.heads
         if r > self.max_dim:
             raise ValueError(f"per-head bottleneck {r} exceeds the bank's maximum {self.max_dim}")
-        self.evict(slot)
-        self.down[slot, :, :, :r].copy_(down_w.t().reshape(-1, self.heads, r))
-        self.down_b[slot, :, :r].copy_(down_b.view(self.heads, r))
-        self.up[slot, :, :r].copy_(up_w.transpose(1, 2))
-        self.up_b[slot].copy_(up_b)
-        self.scale[slot] = float(scale)
-        self.rank[slot] = r
-        self.act[slot] = ACTIVATION_CODES[activation]
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        for t in (self.down, self.down_b, self.up, self.up_b, self.scale):
-            t[slot].zero_()
-        self.rank[slot] = self.act[slot] = 0
-        self.occupied[slot] = False
+        tensors = {
+            "down": down_w.t().reshape(-1, self.heads, r),
+            "down_b": down_b.view(self.heads, r),
+            "up": up_w.transpose(1, 2),
+            "up_b": up_b,
+            "scale": torch.as_tensor(scale, dtype=down_w.dtype).reshape(()),
+        }
+        return tensors, {"rank": r, "act": ACTIVATION_CODES[activation]}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row head-output update [B, T, heads*d] for attention input x [B, T, H]."""
@@ -101,43 +92,37 @@ class TinyAttentionBank(_Bank):
         self.register_buffer("out_w", torch.zeros(slots, e, hidden, **fac), persistent=False)
         self.register_buffer("out_b", torch.zeros(slots, hidden, **fac), persistent=False)
 
-    @torch.no_grad()
-    def load(self, slot: int, *, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy one layer's tiny attention (artifact layout, K heads of width E) into a slot."""
-        self._check_slot(slot)
+    def layout(self, *, tensors: dict[str, torch.Tensor]):
+        """One layer's tiny attention (artifact layout, K heads of width E) in bank layout."""
         k, _, e = tensors["qkv.weight"].shape
         if e > self.max_dim or k > self.max_heads:
             raise ValueError(f"tiny attention E={e}, heads={k} exceeds the bank's maximum")
-        self.evict(slot)
-        self.ln_w[slot].copy_(tensors["ln.weight"])
-        self.ln_b[slot].copy_(tensors["ln.bias"])
-        self.in_w[slot, :, :e].copy_(tensors["in.weight"].t())
-        self.in_b[slot, :e].copy_(tensors["in.bias"])
-        qkv_w = tensors["qkv.weight"].transpose(1, 2).clone()  # [K, E, 3E]
-        qkv_b = tensors["qkv.bias"].clone()
-        qkv_w[:, :, :e] /= math.sqrt(e)
-        qkv_b[:, :e] /= math.sqrt(e)
+        em = self.max_dim
+        # q, k and v sit at offsets 0, E_max and 2 E_max so a forward can split at E_max
+        qkv_w = tensors["qkv.weight"].transpose(1, 2)  # [K, E, 3E]
+        qkv_b = tensors["qkv.bias"]
+        scale = torch.ones(3 * e, dtype=qkv_w.dtype, device=qkv_w.device)
+        scale[:e] = 1.0 / math.sqrt(e)
+        qkv_w, qkv_b = qkv_w * scale, qkv_b * scale
+        zeros_w = qkv_w.new_zeros(k, e, em - e)
+        zeros_b = qkv_b.new_zeros(k, em - e)
+        parts_w, parts_b = [], []
         for part in range(3):
-            self.qkv_w[slot, :k, :e, part * self.max_dim : part * self.max_dim + e].copy_(
-                qkv_w[:, :, part * e : (part + 1) * e]
-            )
-            self.qkv_b[slot, :k, part * self.max_dim : part * self.max_dim + e].copy_(
-                qkv_b[:, part * e : (part + 1) * e]
-            )
-        self.o_w[slot, :k, :e, :e].copy_(tensors["o.weight"].transpose(1, 2) / k)
-        self.o_b[slot, :e].copy_(tensors["o.bias"].mean(0))
-        self.out_w[slot, :e].copy_(tensors["out.weight"].t())
-        self.out_b[slot].copy_(tensors["out.bias"])
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        for t in (self.ln_w, self.ln_b, self.in_w, self.in_b, self.qkv_w, self.qkv_b, self.o_w, self.o_b):
-            t[slot].zero_()
-        self.out_w[slot].zero_()
-        self.out_b[slot].zero_()
-        self.occupied[slot] = False
+            parts_w += [qkv_w[:, :, part * e : (part + 1) * e], zeros_w]
+            parts_b += [qkv_b[:, part * e : (part + 1) * e], zeros_b]
+        out = {
+            "ln_w": tensors["ln.weight"],
+            "ln_b": tensors["ln.bias"],
+            "in_w": tensors["in.weight"].t(),
+            "in_b": tensors["in.bias"],
+            "qkv_w": torch.cat(parts_w, dim=-1),
+            "qkv_b": torch.cat(parts_b, dim=-1),
+            "o_w": tensors["o.weight"].transpose(1, 2) / k,
+            "o_b": tensors["o.bias"].mean(0),
+            "out_w": tensors["out.weight"].t(),
+            "out_b": tensors["out.bias"],
+        }
+        return out, {}
 
     def delta(self, a: torch.Tensor) -> torch.Tensor:
         """Per-row tiny-attention output [B, T, H] for attention outputs a [B, T, H]."""
@@ -164,6 +149,8 @@ class FactoredPHMBank(_Bank):
     bank's maximum inside each Kronecker block, which keeps the expansion exact.
     """
 
+    _meta = ("q", "act")
+
     def __init__(self, *, hidden: int, n: int, max_dim: int, slots: int, router: Router, **fac):
         super().__init__(slots=slots, router=router)
         if hidden % n or max_dim % n:
@@ -178,31 +165,20 @@ class FactoredPHMBank(_Bank):
         self.q = np.zeros(slots, dtype=np.int64)
         self.act = np.zeros(slots, dtype=np.int64)
 
-    @torch.no_grad()
-    def load(self, slot, *, rule, down_f, up_f, down_b, up_b, activation: str, scale: float) -> None:
-        """Copy factors (rule [n,n,n], down B_i [n, in/n, r/n], up B_i [n, r/n, out/n]) into a slot."""
-        self._check_slot(slot)
+    def layout(self, *, rule, down_f, up_f, down_b, up_b, activation: str, scale):
+        """Factors (rule [n,n,n], down B_i [n, in/n, r/n], up B_i [n, r/n, out/n]) and biases."""
         n, _, q = down_f.shape
         if n != self.n or q > self.qmax:
             raise ValueError(f"factored PHM bank holds n={self.n}, width <= {self.qmax * self.n}")
-        self.evict(slot)
-        self.rule[slot].copy_(rule)
-        self.down_f[slot, :, :, :q].copy_(down_f)
-        self.up_f[slot, :, :q].copy_(up_f)
-        self.down_b[slot, :, :q].copy_(down_b.view(n, q))
-        self.up_b[slot].copy_(up_b)
-        self.scale[slot] = float(scale)
-        self.q[slot] = q
-        self.act[slot] = ACTIVATION_CODES[activation]
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        for t in (self.rule, self.down_f, self.up_f, self.down_b, self.up_b, self.scale):
-            t[slot].zero_()
-        self.q[slot] = self.act[slot] = 0
-        self.occupied[slot] = False
+        tensors = {
+            "rule": rule,
+            "down_f": down_f,
+            "up_f": up_f,
+            "down_b": down_b.view(n, q),
+            "up_b": up_b,
+            "scale": torch.as_tensor(scale, dtype=rule.dtype).reshape(()),
+        }
+        return tensors, {"q": q, "act": ACTIVATION_CODES[activation]}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Expand the batch's slots' weights, then run each row's bottleneck."""

@@ -9,6 +9,7 @@ forward only computes up to the largest rank used by the rows at hand.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -67,7 +68,17 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _Bank(nn.Module):
-    """Common slot bookkeeping: which slots hold data, and the shared router."""
+    """Common slot bookkeeping: generic load/evict/bind driven by each bank's `layout`.
+
+    `layout(**kwargs)` turns an adapter's tensors into this bank's per-slot layout (unpadded,
+    differentiable) plus host-side metadata. `load` copies that into a slot with zero padding;
+    `bind` makes slot 1 use the tensors themselves, so gradients flow (training).
+    """
+
+    # buffer name -> value a free slot holds (default 0)
+    _fill: ClassVar[dict[str, float]] = {}
+    # host-side per-slot metadata arrays, reset to 0 on evict
+    _meta: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, slots: int, router: Router) -> None:
         super().__init__()
@@ -83,9 +94,64 @@ class _Bank(nn.Module):
         if not 0 < slot < self.num_slots:
             raise IndexError(f"slot {slot} is outside 1..{self.num_slots - 1}")
 
+    def layout(self, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Per-slot tensors (by buffer name) and metadata for one adapter."""
+        raise NotImplementedError
+
+    def _slot_buffers(self):
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dim() > 0 and buf.shape[0] == self.num_slots:
+                yield name, buf
+
+    @torch.no_grad()
+    def load(self, slot: int, **kwargs) -> None:
+        """Copy one adapter into a slot (zero-padded to the bank's maxima)."""
+        self._check_slot(slot)
+        tensors, meta = self.layout(**kwargs)
+        for name, v in tensors.items():
+            room = getattr(self, name).shape[1:]
+            if v.dim() != len(room) or any(a > b for a, b in zip(v.shape, room, strict=True)):
+                raise ValueError(f"{type(self).__name__}.{name}: {tuple(v.shape)} does not fit {tuple(room)}")
+        self.evict(slot)
+        for name, v in tensors.items():
+            getattr(self, name)[slot][tuple(slice(0, n) for n in v.shape)].copy_(v)
+        for name, v in meta.items():
+            getattr(self, name)[slot] = v
+        self.occupied[slot] = True
+
+    @torch.no_grad()
+    def evict(self, slot: int) -> None:
+        """Return a slot to its empty state."""
+        for name, buf in self._slot_buffers():
+            self._reset(name, buf, slot)
+        for name in self._meta:
+            getattr(self, name)[slot] = 0
+        self.occupied[slot] = False
+
+    def _reset(self, name: str, buf: torch.Tensor, slot: int) -> None:
+        buf[slot].fill_(self._fill.get(name, 0.0))
+
+    def bind(self, **kwargs) -> None:
+        """Make slot 1 of a two-slot bank compute with these (trainable) tensors directly."""
+        if self.num_slots != 2:
+            raise ValueError("bind needs a bank with exactly two slots (identity + the trained adapter)")
+        tensors, meta = self.layout(**kwargs)
+        for name, v in tensors.items():
+            buf = getattr(self, name)
+            pad: list[int] = []
+            for d in reversed(range(v.dim())):
+                pad += [0, buf.shape[d + 1] - v.shape[d]]
+            v = F.pad(v, pad) if any(pad) else v
+            setattr(self, name, torch.stack([buf[0].detach(), v.to(buf.dtype)]))
+        for name, v in meta.items():
+            getattr(self, name)[1] = v
+        self.occupied[1] = True
+
 
 class LoRABank(_Bank):
     """LoRA factors for one linear: `delta = (x A) B`, B pre-multiplied by the scaling."""
+
+    _meta = ("rank",)
 
     def __init__(
         self, *, d_in: int, d_out: int, max_rank: int, slots: int, router: Router, **factory
@@ -96,27 +162,12 @@ class LoRABank(_Bank):
         self.register_buffer("B", torch.zeros(slots, max_rank, d_out, **factory), persistent=False)
         self.rank = np.zeros(slots, dtype=np.int64)
 
-    @torch.no_grad()
-    def load(self, slot: int, *, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        """Copy PEFT-layout factors (A: [r, in], B: [out, r]) into a slot."""
-        self._check_slot(slot)
+    def layout(self, *, A: torch.Tensor, B: torch.Tensor, scaling: float):
+        """PEFT-layout factors (A: [r, in], B: [out, r]) -> A [in, r], scaled B [r, out]."""
         r = A.shape[0]
         if r > self.max_rank:
             raise ValueError(f"LoRA rank {r} exceeds the bank's maximum {self.max_rank}")
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.A[slot, :, :r].copy_(A.t())
-        self.B[slot, :r].copy_(B.t() * scaling)
-        self.rank[slot] = r
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.rank[slot] = 0
-        self.occupied[slot] = False
+        return {"A": A.t(), "B": B.t() * scaling}, {"rank": r}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row LoRA update for input `x` of shape [B, T, in]."""
@@ -133,6 +184,9 @@ class LoRABank(_Bank):
 class IA3Bank(_Bank):
     """IA3 rescaling vectors for one linear, on its input and on its output."""
 
+    _fill: ClassVar[dict[str, float]] = {"scale_in": 1.0, "scale_out": 1.0}
+    _meta = ("occ_in", "occ_out")
+
     def __init__(self, *, d_in: int, d_out: int, slots: int, router: Router, **factory) -> None:
         super().__init__(slots=slots, router=router)
         self.register_buffer("scale_in", torch.ones(slots, d_in, **factory), persistent=False)
@@ -140,20 +194,11 @@ class IA3Bank(_Bank):
         self.occ_in = np.zeros(slots, dtype=bool)
         self.occ_out = np.zeros(slots, dtype=bool)
 
-    @torch.no_grad()
-    def load(self, slot: int, *, vector: torch.Tensor, on_input: bool) -> None:
-        """Copy a rescaling vector into a slot."""
-        self._check_slot(slot)
-        (self.scale_in if on_input else self.scale_out)[slot].copy_(vector)
-        (self.occ_in if on_input else self.occ_out)[slot] = True
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Reset a slot to ones."""
-        self.scale_in[slot].fill_(1.0)
-        self.scale_out[slot].fill_(1.0)
-        self.occ_in[slot] = self.occ_out[slot] = self.occupied[slot] = False
+    def layout(self, *, vector: torch.Tensor, on_input: bool):
+        """A rescaling vector for the projection's input or output."""
+        if on_input:
+            return {"scale_in": vector}, {"occ_in": True}
+        return {"scale_out": vector}, {"occ_out": True}
 
     def rows(self, which: str) -> torch.Tensor | None:
         """Per-row scale vectors [B, 1, d] for 'in' or 'out', or None when no row uses them."""
@@ -167,6 +212,9 @@ class IA3Bank(_Bank):
 
 class BottleneckBank(_Bank):
     """Bottleneck adapters `s * up(f(down(x)))`, optionally followed by a per-task LayerNorm."""
+
+    _fill: ClassVar[dict[str, float]] = {"ln_w": 1.0}
+    _meta = ("rank", "act", "post_ln")
 
     def __init__(self, *, d_in: int, d_out: int, max_dim: int, slots: int, router: Router, **factory) -> None:
         super().__init__(slots=slots, router=router)
@@ -182,10 +230,8 @@ class BottleneckBank(_Bank):
         self.act = np.zeros(slots, dtype=np.int64)
         self.post_ln = np.zeros(slots, dtype=bool)
 
-    @torch.no_grad()
-    def load(
+    def layout(
         self,
-        slot: int,
         *,
         down_w: torch.Tensor,
         down_b: torch.Tensor,
@@ -194,34 +240,17 @@ class BottleneckBank(_Bank):
         activation: str,
         scale: float | torch.Tensor = 1.0,
         ln: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Copy nn.Linear-layout weights (down: [r, in], up: [out, r]) into a slot."""
-        self._check_slot(slot)
+    ):
+        """nn.Linear-layout weights (down: [r, in], up: [out, r]) -> transposed bank layout."""
         r = down_w.shape[0]
         if r > self.max_dim:
             raise ValueError(f"bottleneck width {r} exceeds the bank's maximum {self.max_dim}")
-        self.evict(slot)
-        self.down[slot, :, :r].copy_(down_w.t())
-        self.down_b[slot, :r].copy_(down_b)
-        self.up[slot, :r].copy_(up_w.t())
-        self.up_b[slot].copy_(up_b)
-        self.scale[slot] = scale.reshape(()) if isinstance(scale, torch.Tensor) else float(scale)
+        scale = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+        tensors = {"down": down_w.t(), "down_b": down_b, "up": up_w.t(), "up_b": up_b, "scale": scale}
+        meta = {"rank": r, "act": ACTIVATION_CODES[activation], "post_ln": ln is not None}
         if ln is not None:
-            self.ln_w[slot].copy_(ln[0])
-            self.ln_b[slot].copy_(ln[1])
-            self.post_ln[slot] = True
-        self.rank[slot] = r
-        self.act[slot] = ACTIVATION_CODES[activation]
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        for t in (self.down, self.down_b, self.up, self.up_b, self.scale, self.ln_b):
-            t[slot].zero_()
-        self.ln_w[slot].fill_(1.0)
-        self.rank[slot] = self.act[slot] = 0
-        self.post_ln[slot] = self.occupied[slot] = False
+            tensors |= {"ln_w": ln[0], "ln_b": ln[1]}
+        return tensors, meta
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row adapter output for input `x` of shape [B, T, in]."""
@@ -355,22 +384,16 @@ class BankedNorm(_Bank):
         """The frozen base weight."""
         return self.base.weight
 
-    @torch.no_grad()
-    def load(self, slot: int, *, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Copy a task's norm parameters into a slot."""
-        self._check_slot(slot)
-        self.w[slot].copy_(weight)
+    def layout(self, *, weight: torch.Tensor, bias: torch.Tensor | None):
+        """A task's norm parameters."""
+        tensors = {"w": weight}
         if self.b is not None and bias is not None:
-            self.b[slot].copy_(bias)
-        self.occupied[slot] = True
+            tensors["b"] = bias
+        return tensors, {}
 
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Restore a slot to the base parameters."""
-        self.w[slot].copy_(self.base.weight)
-        if self.b is not None:
-            self.b[slot].copy_(self.base.bias)
-        self.occupied[slot] = False
+    def _reset(self, name: str, buf: torch.Tensor, slot: int) -> None:
+        # a free slot holds the base norm's own parameters
+        buf[slot].copy_(self.base.weight if name == "w" else self.base.bias)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:

@@ -29,6 +29,8 @@ class HeadOutput:
 class HeadBank(_Bank):
     """Linear (or dense + tanh + linear) heads over CLS, mean or pooler outputs, one per slot."""
 
+    _meta = ("num_outputs", "pooling", "layers", "kind")
+
     def __init__(
         self, *, hidden: int, max_outputs: int, two_layer: bool, slots: int, router: Router, **factory
     ):
@@ -45,46 +47,31 @@ class HeadBank(_Bank):
         self.layers = np.zeros(slots, dtype=np.int64)
         self.kind = np.zeros(slots, dtype=np.int64)
 
-    @torch.no_grad()
-    def load(
+    def layout(
         self,
-        slot: int,
         *,
         kind: str,
         pooling: str,
         out_w: torch.Tensor,
         out_b: torch.Tensor,
         dense: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Copy a head (nn.Linear layout: out_w [C, H]) into a slot."""
-        self._check_slot(slot)
+    ):
+        """A head in nn.Linear layout (out_w [C, H]) -> transposed bank layout."""
         c = out_w.shape[0]
         if c > self.max_outputs:
             raise ValueError(f"head with {c} outputs exceeds the bank's maximum {self.max_outputs}")
         if dense is not None and not self.two_layer_ok:
             raise ValueError("two-layer heads are disabled in this bank configuration")
-        self.evict(slot)
-        self.out_w[slot, :, :c].copy_(out_w.t())
-        self.out_b[slot, :c].copy_(out_b)
+        tensors = {"out_w": out_w.t(), "out_b": out_b}
         if dense is not None:
-            self.dense_w[slot].copy_(dense[0].t())
-            self.dense_b[slot].copy_(dense[1])
-        self.num_outputs[slot] = c
-        self.pooling[slot] = POOLING[pooling]
-        self.layers[slot] = 2 if dense is not None else 1
-        self.kind[slot] = KINDS[kind]
-        self.occupied[slot] = True
-
-    @torch.no_grad()
-    def evict(self, slot: int) -> None:
-        """Zero a slot."""
-        self.out_w[slot].zero_()
-        self.out_b[slot].zero_()
-        if self.two_layer_ok:
-            self.dense_w[slot].zero_()
-        self.dense_b[slot].zero_()
-        self.num_outputs[slot] = self.pooling[slot] = self.layers[slot] = self.kind[slot] = 0
-        self.occupied[slot] = False
+            tensors |= {"dense_w": dense[0].t(), "dense_b": dense[1]}
+        meta = {
+            "num_outputs": c,
+            "pooling": POOLING[pooling],
+            "layers": 2 if dense is not None else 1,
+            "kind": KINDS[kind],
+        }
+        return tensors, meta
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, pooler: torch.nn.Module | None
