@@ -246,6 +246,27 @@ class MultiTaskModel(nn.Module):
             for bank in self._slot_banks.pop(slot, []):
                 bank.evict(slot)
 
+    def bind(self, config, tensors: dict[str, torch.Tensor]) -> None:
+        """Route slot 1 to trainable tensors (training; needs BankConfig(slots=2)); gradients flow."""
+        for e in self.entries(config, tensors):
+            self.banks[(e.key, e.kind)].bind(**e.kwargs)
+
+    def train_forward(self, input_ids, attention_mask, **kwargs) -> HeadOutput | torch.Tensor:
+        """A differentiable forward with every row on slot 1: head outputs, or LM logits."""
+        slots = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        with self.router.route(slots, attention_mask=attention_mask):
+            head = self.banks.get(("head", "head"))
+            if head is None or "decoder_input_ids" in kwargs or "labels" in kwargs:
+                return self.backbone.model(
+                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                ).logits
+            hidden = self._encode(input_ids, attention_mask)
+            return head(hidden, attention_mask, self._pooler())
+
+    def _pooler(self) -> nn.Module | None:
+        name = self.backbone.arch.pooler
+        return getattr(self.backbone.core, name, None) if name else None
+
     # -- forward ------------------------------------------------------------------------------
 
     def _slot_tensor(self, slot_ids, batch: int) -> torch.Tensor:
