@@ -1,0 +1,1 @@
+"""The serving side: HTTP app, batching, adapter registry and the device engine."""
