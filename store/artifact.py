@@ -23,6 +23,7 @@ __all__ = [
     "CompacterConfig",
     "HeadConfig",
     "HyperformerConfig",
+    "HypernetworkConfig",
     "IA3Config",
     "LayerNormConfig",
     "LoRAConfig",
@@ -215,6 +216,31 @@ class HyperformerConfig(_Base):
     task_embedding_dim: int = Field(default=64, ge=1, le=1024)
 
 
+class HypernetworkConfig(_Strict):
+    """A shared hypernetwork (Hyperformer / Hyperformer++) that generates bottleneck adapters.
+
+    Hyperformer++: one generator per stack maps `LN(MLP([z_task; e_layer; e_site]))` to the
+    adapter's down/up weights and biases and its LayerNorm gamma/beta. Hyperformer: no site
+    embedding, one generator per stack and site.
+    """
+
+    format_version: Literal[1] = Field(default=FORMAT_VERSION, description="Artifact format version.")
+    method: Literal["hypernetwork"]
+    variant: Literal["hyperformer++", "hyperformer"] = Field(default="hyperformer++")
+    backbone_fingerprint: str = Field(min_length=1, max_length=128)
+    sites: list[SublayerSite] = Field(default=["attn", "ffn"], min_length=1, description="Sublayers adapted.")
+    bottleneck_dim: int = Field(default=24, ge=1, le=1024, description="Width of generated adapters.")
+    activation: Activation = Field(default="relu")
+    task_embedding_dim: int = Field(default=64, ge=1, le=1024, description="z: one task's embedding.")
+    layer_embedding_dim: int = Field(default=64, ge=1, le=1024)
+    site_embedding_dim: int = Field(default=64, ge=1, le=1024, description="Hyperformer++ only.")
+    hidden_dim: int = Field(default=128, ge=1, le=4096, description="Width of the conditioning MLP.")
+    projected_dim: int = Field(default=64, ge=1, le=1024, description="Width of the conditioning vector e.")
+    metadata: dict[Annotated[str, Field(max_length=128)], MetaValue] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
 AdapterConfig = Annotated[
     BottleneckConfig
     | ParallelConfig
@@ -226,7 +252,8 @@ AdapterConfig = Annotated[
     | MHParallelConfig
     | CompacterConfig
     | TinyAttentionConfig
-    | HyperformerConfig,
+    | HyperformerConfig
+    | HypernetworkConfig,
     Field(discriminator="method"),
 ]
 
@@ -300,6 +327,8 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
     h = spec.hidden_size
     out: dict[str, tuple[int, ...]] = {}
     m = config.method
+    if m == "hypernetwork":
+        return hypernetwork_tensors(config, spec)
     if m == "bottleneck":
         for stack, i, site in _layers(spec, sites=config.sites):
             out |= _bottleneck(f"{stack}.{i}.{site}.seq", h, config.bottleneck_dim, h)
@@ -396,4 +425,31 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
             out["head.dense.bias"] = (h,)
         out["head.out.weight"] = (c, h)
         out["head.out.bias"] = (c,)
+    return out
+
+
+def hypernetwork_tensors(config: HypernetworkConfig, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a hypernetwork artifact."""
+    h, r, e = spec.hidden_size, config.bottleneck_dim, config.projected_dim
+    plus = config.variant == "hyperformer++"
+    d_in = config.task_embedding_dim + config.layer_embedding_dim + (config.site_embedding_dim if plus else 0)
+    gens = {"down_w": r * h, "down_b": r, "up_w": h * r, "up_b": h, "ln_gamma": h, "ln_beta": h}
+    out: dict[str, tuple[int, ...]] = {}
+    for stack, n in spec.stacks.items():
+        sites = [s for s in config.sites if s != "cross" or (stack == "decoder" and spec.num_layers)]
+        out[f"{stack}.layer_embedding"] = (n, config.layer_embedding_dim)
+        if plus:
+            out[f"{stack}.site_embedding"] = (len(sites), config.site_embedding_dim)
+        out |= {
+            f"{stack}.mlp.0.weight": (config.hidden_dim, d_in),
+            f"{stack}.mlp.0.bias": (config.hidden_dim,),
+            f"{stack}.mlp.2.weight": (e, config.hidden_dim),
+            f"{stack}.mlp.2.bias": (e,),
+            f"{stack}.ln.weight": (e,),
+            f"{stack}.ln.bias": (e,),
+        }
+        for group in [""] if plus else [f"{s}." for s in sites]:
+            for name, width in gens.items():
+                out[f"{stack}.{group}gen.{name}.weight"] = (width, e)
+                out[f"{stack}.{group}gen.{name}.bias"] = (width,)
     return out
