@@ -202,7 +202,7 @@ class MultiTaskModel(nn.Module):
         """Usable slots (slot 0 is the identity)."""
         return self.config.slots - 1
 
-    def entries(self, config, tensors: dict[str, torch.Tensor]) -> list:
+    def entries(self, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> list:
         """Validate an adapter against this backbone and turn it into bank entries."""
         shapes = expected_tensors(config, self.spec)
         for name, shape in shapes.items():
@@ -215,18 +215,56 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"unexpected tensor {sorted(extra)[0]!r}")
         dev = {"device": self.backbone.device, "dtype": self.backbone.dtype}
         tensors = {k: v.to(**dev) for k, v in tensors.items()}
-        entries = get_method(config.method).entries(config, tensors, self.spec, banks=self.config)
-        entries += common_entries(config, tensors, self.spec)
+        if config.method == "hyperformer":
+            entries = self._generated(config, [tensors], hypernetwork)[0]
+        else:
+            entries = get_method(config.method).entries(config, tensors, self.spec, banks=self.config)
+        return entries + common_entries(config, tensors, self.spec)
+
+    def _generated(self, config, tensors_list: list[dict[str, torch.Tensor]], hypernetwork) -> list[list]:
+        if hypernetwork is None:
+            raise ValueError(f"task needs hypernetwork {config.hypernetwork!r}, which was not given")
+        if hypernetwork.config.task_embedding_dim != config.task_embedding_dim:
+            raise ValueError("task embedding width does not match the hypernetwork")
+        z = torch.stack([t["task_embedding"] for t in tensors_list]).to(self.backbone.device)
+        with torch.no_grad():
+            return [[_cast(e, self.backbone.dtype) for e in es] for es in hypernetwork.entries(z)]
+
+    def load(self, slot: int, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> None:
+        """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""
+        self._check(slot)
+        self._write(slot, self._checked(self.entries(config, tensors, hypernetwork=hypernetwork)))
+
+    def load_generated(self, items: list[tuple[int, object, dict[str, torch.Tensor]]], hypernetwork) -> None:
+        """Generate several hypernetwork tasks in one batched forward and load each into its slot."""
+        if not items:
+            return
+        for slot, _, _ in items:
+            self._check(slot)
+        config = items[0][1]
+        for _, cfg, tensors in items:
+            expected = expected_tensors(cfg, self.spec)
+            if set(expected) != set(tensors) or any(
+                tuple(tensors[k].shape) != v for k, v in expected.items()
+            ):
+                raise ValueError("task tensors do not match their config")
+        generated = self._generated(config, [t for _, _, t in items], hypernetwork)
+        for (slot, cfg, tensors), entries in zip(items, generated, strict=True):
+            dev = {"device": self.backbone.device, "dtype": self.backbone.dtype}
+            tensors = {k: v.to(**dev) for k, v in tensors.items()}
+            self._write(slot, self._checked(entries + common_entries(cfg, tensors, self.spec)))
+
+    def _check(self, slot: int) -> None:
+        if not 0 < slot < self.config.slots:
+            raise IndexError(f"slot {slot} is outside 1..{self.num_slots}")
+
+    def _checked(self, entries: list) -> list:
         for e in entries:
             if (e.key, e.kind) not in self.banks:
                 raise ValueError(f"this server has no {e.kind} bank at {e.key}; check its bank settings")
         return entries
 
-    def load(self, slot: int, config, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""
-        if not 0 < slot < self.config.slots:
-            raise IndexError(f"slot {slot} is outside 1..{self.num_slots}")
-        entries = self.entries(config, tensors)
+    def _write(self, slot: int, entries: list) -> None:
         with self.lock:
             self.evict(slot)
             used: list[nn.Module] = []
@@ -248,7 +286,7 @@ class MultiTaskModel(nn.Module):
 
     def bind(self, config, tensors: dict[str, torch.Tensor]) -> None:
         """Route slot 1 to trainable tensors (training; needs BankConfig(slots=2)); gradients flow."""
-        for e in self.entries(config, tensors):
+        for e in self._checked(self.entries(config, tensors)):
             self.banks[(e.key, e.kind)].bind(**e.kwargs)
 
     def train_forward(self, input_ids, attention_mask, **kwargs) -> HeadOutput | torch.Tensor:
@@ -341,3 +379,16 @@ class MultiTaskModel(nn.Module):
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _cast(entry, dtype: torch.dtype):
+    """Cast an entry's tensors to the bank dtype (generation runs in the hypernetwork's dtype)."""
+    kw = {}
+    for k, v in entry.kwargs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(dtype)
+        elif isinstance(v, tuple):
+            v = tuple(x.to(dtype) for x in v)
+        kw[k] = v
+    entry.kwargs = kw
+    return entry
