@@ -8,19 +8,21 @@ __all__ = [
     "BackboneMismatch",
     "DeadlineExceeded",
     "Draining",
+    "Forbidden",
     "InvalidArtifact",
     "InvalidName",
     "InvalidRequest",
     "NotFound",
-    "NotSafetensors",
+    "NotImplementedYet",
     "NotReady",
+    "NotSafetensors",
     "PayloadTooLarge",
     "QueueFull",
     "SlotsExhausted",
     "StoreFull",
     "StoreUnavailable",
     "Unauthorized",
-    "Forbidden",
+    "UnsupportedMediaType",
     "VersionConflict",
 ]
 
@@ -104,3 +106,11 @@ class Unauthorized(AdapterServeError):
 
 class Forbidden(AdapterServeError):
     """The key is valid but lacks the right for this route (403)."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The request body has a content type the route does not accept (415)."""
+
+
+class NotImplementedYet(AdapterServeError):
+    """The route or feature is part of the contract but not available in this build (501)."""
