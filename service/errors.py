@@ -1,0 +1,122 @@
+"""Domain exceptions mapped to HTTP status codes by class, in one place; one JSON error shape."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from store import errors as e
+
+__all__ = ["STATUS", "error_body", "install_handlers", "status_of"]
+
+log = logging.getLogger(__name__)
+
+# Most specific class first is not needed: the lookup walks each exception's MRO.
+STATUS: dict[type[e.AdapterServeError], int] = {
+    e.InvalidRequest: 400,
+    e.UnsupportedMediaType: 415,
+    e.InvalidArtifact: 422,
+    e.NotSafetensors: 415,
+    e.BackboneMismatch: 422,
+    e.PayloadTooLarge: 413,
+    e.NotFound: 404,
+    e.VersionConflict: 409,
+    e.ArtifactCorrupt: 503,
+    e.StoreFull: 507,
+    e.StoreUnavailable: 503,
+    e.SlotsExhausted: 503,
+    e.QueueFull: 429,
+    e.DeadlineExceeded: 504,
+    e.NotReady: 503,
+    e.Draining: 503,
+    e.Unauthorized: 401,
+    e.Forbidden: 403,
+    e.NotImplementedYet: 501,
+}
+
+_HTTP_TYPES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def status_of(exc: e.AdapterServeError) -> int:
+    """The HTTP status of a domain exception, by the nearest class in its MRO."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(kind: str, message: str) -> dict:
+    """The one error shape of the API: `{"error": {"type", "message"}}`."""
+    return {"error": {"type": kind, "message": message}}
+
+
+def _headers(exc: e.AdapterServeError, status: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if status == 429:
+        headers["Retry-After"] = str(int(exc.details.get("retry_after", 1)))
+    elif status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503 and isinstance(exc, e.NotReady | e.Draining):
+        headers["Retry-After"] = "1"
+    return headers
+
+
+def _domain_response(exc: e.AdapterServeError) -> JSONResponse:
+    status = status_of(exc)
+    if status >= 500:
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    return JSONResponse(
+        error_body(_snake(type(exc).__name__), exc.message), status_code=status, headers=_headers(exc, status)
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "the request is invalid"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    more = f" ({len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the exception handlers that turn every failure into the API's error shape."""
+
+    @app.exception_handler(e.AdapterServeError)
+    async def _domain(request: Request, exc: e.AdapterServeError) -> JSONResponse:
+        return _domain_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _HTTP_TYPES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(
+            error_body(kind, message), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Never leak a traceback or a path to the client; the log has the details.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -1,0 +1,124 @@
+"""Prometheus metrics of the service, on a registry of its own; the `task` label is bounded."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.batcher import BatchObserver, Row
+
+__all__ = ["CONTENT_TYPE_LATEST", "OTHER", "Metrics", "MetricsObserver"]
+
+OTHER = "other"
+_P = "adapterserve_"
+
+# `*_created` series double the exposition and no dashboard of ours reads them.
+disable_created_metrics()
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Every metric of DESIGN section 4, plus a few operational gauges."""
+
+    def __init__(self, *, max_tasks: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._max_tasks = max_tasks
+        self._labelled: set[str] = set()
+        self._lock = threading.Lock()
+        r = self.registry
+        self.requests = Counter(
+            _P + "requests", "Predict requests by task and HTTP status.", ["task", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            _P + "request_duration_seconds",
+            "Predict latency by task.",
+            ["task"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            _P + "requests_in_flight", "Predict requests being served.", registry=r
+        )
+        self.queue_wait = Histogram(
+            _P + "queue_wait_seconds", "Time rows wait in the queue.", buckets=_LATENCY, registry=r
+        )
+        self.forward_duration = Histogram(
+            _P + "forward_duration_seconds", "Duration of one forward pass.", buckets=_LATENCY, registry=r
+        )
+        self.batch_size = Histogram(_P + "batch_size", "Rows per forward pass.", buckets=_ROWS, registry=r)
+        self.batch_tasks = Histogram(
+            _P + "batch_tasks", "Distinct tasks per forward pass.", buckets=_ROWS, registry=r
+        )
+        self.queue_depth = Gauge(_P + "queue_depth", "Rows waiting in the queue.", registry=r)
+        self.rejected = Counter(
+            _P + "rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r
+        )
+        self.adapter_loads = Counter(
+            _P + "adapter_loads", "Adapter loads by source and result.", ["source", "result"], registry=r
+        )
+        self.adapter_load_duration = Histogram(
+            _P + "adapter_load_duration_seconds",
+            "Time to read and decode an adapter.",
+            ["source"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.cache_hits = Counter(_P + "adapter_cache_hits", "Device slot lookups that hit.", registry=r)
+        self.cache_misses = Counter(
+            _P + "adapter_cache_misses", "Device slot lookups that missed.", registry=r
+        )
+        self.evictions = Counter(_P + "adapter_evictions", "Adapters evicted from device slots.", registry=r)
+        self.resident = Gauge(_P + "adapters_resident", "Adapters resident in device slots.", registry=r)
+        self.cache_bytes = Gauge(_P + "adapter_cache_bytes", "Bytes of adapters in device slots.", registry=r)
+        self.host_cache_bytes = Gauge(
+            _P + "adapter_host_cache_bytes", "Bytes of decoded adapters in host memory.", registry=r
+        )
+        self.tokens = Counter(_P + "tokens", "Input tokens processed, by task.", ["task"], registry=r)
+        self.uploads = Counter(_P + "uploads", "Adapter uploads by result.", ["result"], registry=r)
+        self.ready = Gauge(_P + "ready", "1 when the service takes traffic, else 0.", registry=r)
+
+    def task_label(self, task: str, *, registered: bool) -> str:
+        """The label value for a task: itself while under the cap and registered, else `other`."""
+        if not registered:
+            return OTHER
+        with self._lock:
+            if task in self._labelled:
+                return task
+            if len(self._labelled) < self._max_tasks:
+                self._labelled.add(task)
+                return task
+        return OTHER
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class MetricsObserver(BatchObserver):
+    """Feeds the batcher's hooks into the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def on_batch(self, rows: list[Row], queue_waits: list[float]) -> None:
+        """Record queue waits of a formed batch."""
+        for wait in queue_waits:
+            self.m.queue_wait.observe(max(wait, 0.0))
+
+    def on_reject(self, reason: str) -> None:
+        """Count a refused or dropped request."""
+        self.m.rejected.labels(reason=reason).inc()
+
+    def on_queue_depth(self, depth: int) -> None:
+        """Track the queue's depth."""
+        self.m.queue_depth.set(depth)

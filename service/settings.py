@@ -1,0 +1,193 @@
+"""Service settings: one pydantic-settings class, read from `ADAPTERSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "default_seed_dir"]
+
+_REPO = Path(__file__).resolve().parents[1]
+_MIN_KEY_CHARS = 16
+
+
+def default_seed_dir() -> Path | None:
+    """The repository's `examples/` directory when it exists (demo tasks for `make serve`)."""
+    path = _REPO / "examples"
+    return path if path.is_dir() else None
+
+
+def _split_keys(value: object) -> object:
+    if isinstance(value, str):
+        return [k.strip() for k in value.split(",") if k.strip()]
+    return value
+
+
+Keys = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; each field is the env var `ADAPTERSERVE_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERSERVE_", extra="ignore", validate_default=True)
+
+    # -- model ----------------------------------------------------------------------------------
+    backbone: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory of the backbone; empty: the bundled MiniLM-L6.",
+    )
+    device: str = Field(
+        default="auto", description="Torch device: auto (CUDA when present), cpu, cuda:0, ..."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Backbone and adapter dtype; auto is bfloat16 on GPU, float32 on CPU."
+    )
+    max_input_tokens: int = Field(
+        default=256,
+        ge=8,
+        le=8192,
+        description="Inputs are truncated to this many tokens (special tokens included).",
+    )
+    max_new_tokens: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Default and cap of tokens generated per input (generative backbones).",
+    )
+
+    # -- store and seed ---------------------------------------------------------------------------
+    store: Path = Field(
+        default=Path.home() / ".local" / "share" / "adapterserve" / "store",
+        description="Directory of the durable artifact store (created when missing).",
+    )
+    max_store_bytes: int | None = Field(
+        default=None, ge=1, description="Total bytes the store may hold; past it uploads answer 507."
+    )
+    seed_dir: Path | None = Field(
+        default_factory=default_seed_dir,
+        description="At first start with an empty store, import every artifact directory under this one.",
+    )
+    upload_tmp_dir: Path | None = Field(
+        default=None, description="Where uploads are streamed before validation; empty: the system temp dir."
+    )
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    host: str = Field(
+        default="127.0.0.1", description="Address to bind; loopback unless deliberately exposed."
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    admin_keys: Keys = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated keys for management routes; empty: one is generated and kept beside the store.",
+    )
+    api_keys: Keys = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated keys for predict; empty: predict needs no key.",
+    )
+    admin_key_file: Path | None = Field(
+        default=None,
+        description="File of the generated admin key (0600); empty: `<store>.admin-key` beside the store.",
+    )
+    max_upload_bytes: int = Field(
+        default=64 << 20, ge=1024, description="Largest upload body in bytes; larger ones answer 413 early."
+    )
+    max_inputs: int = Field(
+        default=256, ge=1, description="Most inputs in one predict request (413 past it)."
+    )
+    max_input_chars: int = Field(
+        default=20_000, ge=1, description="Longest single input text in characters (413 past it)."
+    )
+
+    # -- batching --------------------------------------------------------------------------------
+    batching: Literal["mixed", "per_task"] = Field(
+        default="mixed",
+        description="mixed: rows of many tasks share a forward; per_task: one task per forward.",
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Most rows in one forward pass.")
+    max_batch_tokens: int = Field(
+        default=8192, ge=8, description="Most padded tokens (rows x longest row) in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, le=10_000, description="How long the first row of a batch waits for company."
+    )
+    max_queue: int = Field(default=1024, ge=1, description="Most queued rows; past it requests answer 429.")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Deadline of a request; still queued past it, it answers 504."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight work may take before the process exits.",
+    )
+
+    # -- adapter cache ---------------------------------------------------------------------------
+    slots: int = Field(
+        default=16, ge=2, le=1024, description="Device slots per bank, slot 0 (no adapter) included."
+    )
+    cache_bytes: int = Field(
+        default=1 << 30, ge=1, description="Byte budget of adapters resident in device slots."
+    )
+    host_cache_bytes: int = Field(
+        default=2 << 30, ge=1, description="Byte budget of decoded adapters kept in host memory."
+    )
+    pinned: Keys = Field(
+        default_factory=list,
+        description="Comma-separated tasks whose current version never leaves the device.",
+    )
+    lora_max_rank: int = Field(default=16, ge=0, le=1024, description="Largest LoRA rank a slot holds.")
+    bottleneck_max_dim: int = Field(
+        default=64, ge=0, le=4096, description="Largest bottleneck width of sequential/parallel adapters."
+    )
+    prefix_max_len: int = Field(default=32, ge=0, le=512, description="Longest prefix a slot holds.")
+    head_max_outputs: int = Field(default=32, ge=1, le=1024, description="Most labels a task head may have.")
+
+    # -- operations ------------------------------------------------------------------------------
+    warmup: bool = Field(
+        default=True, description="Run a forward pass and preload adapters before /readyz says ready."
+    )
+    metrics_max_tasks: int = Field(
+        default=100, ge=1, description="Tasks that get their own metric label; the rest share `other`."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @field_validator("admin_keys", "api_keys", "pinned", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _split_keys(value)
+
+    @field_validator(
+        "backbone", "seed_dir", "upload_tmp_dir", "admin_key_file", "max_store_bytes", mode="before"
+    )
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for key in (*self.admin_keys, *self.api_keys):
+            if len(key) < _MIN_KEY_CHARS:
+                raise ValueError(f"every admin or API key needs at least {_MIN_KEY_CHARS} characters")
+        if set(self.admin_keys) & set(self.api_keys):
+            raise ValueError("a key cannot be both an admin key and an API key")
+        if self.max_batch_tokens < self.max_input_tokens:
+            raise ValueError(
+                "max_batch_tokens must be at least max_input_tokens, or long inputs could never run"
+            )
+        if self.max_queue < self.max_inputs:
+            raise ValueError(
+                "max_queue must be at least max_inputs, or a full-size request could never queue"
+            )
+        return self
+
+    @property
+    def key_file(self) -> Path:
+        """Where a generated admin key is kept."""
+        if self.admin_key_file is not None:
+            return self.admin_key_file
+        store = self.store.expanduser()
+        return store.with_name(store.name + ".admin-key")
