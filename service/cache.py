@@ -1,0 +1,287 @@
+"""The two adapter tiers: decoded adapters in host memory, and adapters resident in device slots.
+
+The host tier lives on the event loop: an LRU under a byte budget whose misses load once however
+many requests wait (single flight), in a thread, so other tasks keep running. The device tier is
+changed only on the device's worker thread: an LRU of slots under a slot count and a byte budget,
+with pinning; a lock guards it for readers on other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.metrics import Metrics
+from store.errors import SlotsExhausted
+
+__all__ = ["Adapter", "DeviceSlots", "HostCache", "Key"]
+
+log = logging.getLogger(__name__)
+
+# (task, incarnation, version): a task deleted and created again never reuses a cached entry.
+Key = tuple[str, int, int]
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One decoded adapter version, ready to be copied into a device slot."""
+
+    task: str
+    uid: int
+    version: int
+    config: object
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+    num_parameters: int
+    sha256: str
+    refs: int = field(default=0, repr=False)
+
+    @property
+    def key(self) -> Key:
+        """The cache key of this version."""
+        return (self.task, self.uid, self.version)
+
+    @property
+    def method(self) -> str:
+        """The adapter method of the config."""
+        return self.config.method
+
+    @property
+    def head(self):
+        """The task head's config, or None for generation."""
+        return self.config.head
+
+
+class HostCache:
+    """Decoded adapters in host memory; held entries are never evicted (event-loop thread only)."""
+
+    def __init__(self, *, budget_bytes: int, metrics: Metrics) -> None:
+        self.budget = budget_bytes
+        self.m = metrics
+        self._entries: OrderedDict[Key, Adapter] = OrderedDict()
+        self._loading: dict[Key, asyncio.Future[Adapter]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.bytes = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def versions(self, task: str, uid: int) -> list[int]:
+        """Versions of a task that are decoded in memory."""
+        return sorted(k[2] for k in self._entries if k[:2] == (task, uid))
+
+    def loading(self, task: str, uid: int) -> list[asyncio.Future[Adapter]]:
+        """Loads in progress for a task."""
+        return [f for k, f in self._loading.items() if k[:2] == (task, uid)]
+
+    def hold(self, adapter: Adapter) -> Adapter:
+        """Insert (or re-insert) an adapter and take a reference on it."""
+        key = adapter.key
+        if key not in self._entries:
+            self._entries[key] = adapter
+            self.bytes += adapter.nbytes
+        self._entries.move_to_end(key)
+        adapter.refs += 1
+        self._shrink()
+        return adapter
+
+    def release(self, adapter: Adapter) -> None:
+        """Drop a reference; unreferenced entries become evictable."""
+        adapter.refs = max(adapter.refs - 1, 0)
+        self._shrink()
+
+    def acquire(self, key: Key, loader: Callable[[], Adapter]) -> asyncio.Future[Adapter]:
+        """A future of the held adapter; a miss starts one load, shared by every waiter.
+
+        The load starts before this returns, so callers may await the future later.
+        """
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Adapter] = loop.create_future()
+        entry = self._entries.get(key)
+        if entry is not None:
+            out.set_result(self.hold(entry))
+            return out
+        shared = self._loading.get(key)
+        if shared is None:
+            shared = loop.create_future()
+            self._loading[key] = shared
+            task = loop.create_task(self._load(key, loader, shared), name=f"adapterserve-load-{key[0]}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        def settle(done: asyncio.Future[Adapter]) -> None:
+            if out.cancelled():
+                return
+            if done.exception() is not None:
+                out.set_exception(done.exception())
+            else:
+                out.set_result(self.hold(done.result()))
+
+        shared.add_done_callback(settle)
+        return out
+
+    async def _load(self, key: Key, loader: Callable[[], Adapter], shared: asyncio.Future[Adapter]) -> None:
+        started = time.perf_counter()
+        try:
+            adapter = await asyncio.to_thread(loader)
+        except BaseException as exc:
+            self.m.adapter_loads.labels(source="store", result="error").inc()
+            shared.set_exception(exc)
+            shared.exception()  # retrieved here, so a load nobody awaits any more logs no warning
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self.m.adapter_loads.labels(source="store", result="ok").inc()
+            self.m.adapter_load_duration.labels(source="store").observe(time.perf_counter() - started)
+            shared.set_result(adapter)
+        finally:
+            self._loading.pop(key, None)
+
+    def drop(self, keys: Iterable[Key]) -> None:
+        """Forget entries (deleted versions); holders keep their references."""
+        for key in list(keys):
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.bytes -= entry.nbytes
+        self.m.host_cache_bytes.set(self.bytes)
+
+    def keys_of(self, task: str, uid: int) -> list[Key]:
+        """Cached keys of a task."""
+        return [k for k in self._entries if k[:2] == (task, uid)]
+
+    def _shrink(self) -> None:
+        if self.bytes > self.budget:
+            for key in [k for k, a in self._entries.items() if a.refs == 0]:
+                if self.bytes <= self.budget:
+                    break
+                self.bytes -= self._entries.pop(key).nbytes
+        self.m.host_cache_bytes.set(self.bytes)
+
+
+class DeviceSlots:
+    """Which adapter version sits in which device slot; mutated only on the device's worker thread."""
+
+    def __init__(self, *, model, budget_bytes: int, metrics: Metrics) -> None:
+        self.model = model
+        self.capacity = model.num_slots
+        self.budget = budget_bytes
+        self.m = metrics
+        self._lock = threading.Lock()
+        self._slots: OrderedDict[Key, int] = OrderedDict()
+        self._bytes: dict[Key, int] = {}
+        self._free = list(range(self.capacity, 0, -1))
+        self._pinned: set[Key] = set()
+        self.bytes = 0
+
+    # -- readers (any thread) -----------------------------------------------------------------
+
+    def versions(self, task: str, uid: int) -> list[int]:
+        """Versions of a task resident on the device."""
+        with self._lock:
+            return sorted(k[2] for k in self._slots if k[:2] == (task, uid))
+
+    def pinned_count(self, exclude: Iterable[Key] = ()) -> int:
+        """Resident pinned adapters, not counting `exclude`."""
+        with self._lock:
+            return len((self._pinned & self._slots.keys()) - set(exclude))
+
+    def set_pinned(self, keys: Iterable[Key]) -> None:
+        """Make exactly these keys the ones never evicted."""
+        with self._lock:
+            self._pinned = set(keys)
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def plan(self, adapters: list[Adapter]) -> list[list[Adapter]]:
+        """Split the adapters of one batch into groups that fit the device at once."""
+        room = max(self.capacity - self.pinned_count(a.key for a in adapters), 1)
+        budget = self.budget
+        groups: list[list[Adapter]] = [[]]
+        used = 0
+        for a in adapters:
+            if groups[-1] and (len(groups[-1]) >= room or used + a.nbytes > budget):
+                groups.append([])
+                used = 0
+            groups[-1].append(a)
+            used += a.nbytes
+        return groups
+
+    def assign(self, adapters: list[Adapter]) -> dict[Key, int]:
+        """Make every adapter resident (evicting least recently used ones) and return their slots."""
+        needed = {a.key for a in adapters}
+        out: dict[Key, int] = {}
+        for a in adapters:
+            with self._lock:
+                slot = self._slots.get(a.key)
+                if slot is not None:
+                    self._slots.move_to_end(a.key)
+            if slot is not None:
+                self.m.cache_hits.inc()
+                out[a.key] = slot
+                continue
+            self.m.cache_misses.inc()
+            out[a.key] = self._load(a, needed)
+        return out
+
+    def _load(self, adapter: Adapter, needed: set[Key]) -> int:
+        if adapter.nbytes > self.budget:
+            raise SlotsExhausted(
+                f"adapter {adapter.task!r} needs {adapter.nbytes} bytes; the device cache holds {self.budget}"
+            )
+        while not self._free or self.bytes + adapter.nbytes > self.budget:
+            with self._lock:
+                victim = next((k for k in self._slots if k not in needed and k not in self._pinned), None)
+            if victim is None:
+                raise SlotsExhausted(
+                    "every device slot holds a pinned adapter or one the running batch needs; "
+                    "raise ADAPTERSERVE_SLOTS or ADAPTERSERVE_CACHE_BYTES, or unpin a task"
+                )
+            self.evict(victim)
+        slot = self._free.pop()
+        try:
+            self.model.load(slot, adapter.config, adapter.tensors)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        with self._lock:
+            self._slots[adapter.key] = slot
+            self._bytes[adapter.key] = adapter.nbytes
+            self.bytes += adapter.nbytes
+        self._publish()
+        return slot
+
+    def evict(self, key: Key) -> bool:
+        """Free the slot of a key; False when it was not resident."""
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is None:
+                return False
+            self.bytes -= self._bytes.pop(key)
+        self.model.evict(slot)
+        self._free.append(slot)
+        self.m.evictions.inc()
+        self._publish()
+        return True
+
+    def evict_where(self, keys: Iterable[Key]) -> None:
+        """Evict every resident key among `keys`."""
+        for key in list(keys):
+            with contextlib.suppress(KeyError):
+                self.evict(key)
+
+    def resident_keys(self) -> list[Key]:
+        """Every resident key, least recently used first."""
+        with self._lock:
+            return list(self._slots)
+
+    def _publish(self) -> None:
+        self.m.resident.set(len(self._slots))
+        self.m.cache_bytes.set(self.bytes)

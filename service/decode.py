@@ -1,0 +1,116 @@
+"""Turn a stored or uploaded artifact into a decoded Adapter, validating it fully on the way.
+
+Torch-free validation first (config schema, backbone fingerprint, safetensors header, tensor names
+and shapes, dtype allow-list, finite values), then a dry run against this server's slot banks, so a
+version that passes here loads. Weights are read with numpy from safetensors only, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from adapters.heads import HeadBank
+from service.cache import Adapter
+from store.artifact import expected_tensors, parse_config
+from store.errors import InvalidArtifact, NotImplementedYet, PayloadTooLarge
+from store.safetensors_io import SafetensorsLimits, check_expected, load_arrays, read_header
+
+__all__ = ["Decoder"]
+
+
+class Decoder:
+    """Validates and decodes artifacts for one model (its spec, banks, device and dtype)."""
+
+    def __init__(self, *, model, limits: SafetensorsLimits, pin_memory: bool = False) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.limits = limits
+        self.pin_memory = pin_memory
+        self.has_head = ("head", "head") in model.banks
+        self.generative = model.backbone.generative
+
+    def decode(
+        self, *, task: str, uid: int, version: int, config_bytes: bytes, weights_path: Path, sha256: str
+    ) -> Adapter:
+        """Validate an artifact and return its tensors in the model's dtype (pinned on GPU hosts)."""
+        config = parse_config(config_bytes)
+        if config.method == "hyperformer":
+            raise NotImplementedYet("hypernetwork-generated adapters are not served by this build yet")
+        self._check_task_shape(config)
+        expected = expected_tensors(config, self.spec)
+        check_expected(read_header(weights_path, limits=self.limits), expected)
+        arrays = load_arrays(weights_path, limits=self.limits, names=list(expected))
+        dtype = self.model.backbone.dtype
+        tensors = {}
+        for name, arr in arrays.items():
+            t = torch.from_numpy(arr).to(dtype)
+            tensors[name] = t.pin_memory() if self.pin_memory else t
+        self._dry_run(config, tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return Adapter(
+            task=task,
+            uid=uid,
+            version=version,
+            config=config,
+            tensors=tensors,
+            nbytes=nbytes,
+            num_parameters=sum(t.numel() for t in tensors.values()),
+            sha256=sha256,
+        )
+
+    @staticmethod
+    def method_of(config_bytes: bytes) -> str | None:
+        """The `method` of a stored config, without validating the rest."""
+        try:
+            method = json.loads(config_bytes).get("method")
+        except (ValueError, AttributeError):
+            return None
+        return method if isinstance(method, str) else None
+
+    def _check_task_shape(self, config) -> None:
+        head = config.head
+        if head is None and not self.generative:
+            raise InvalidArtifact(
+                "adapter_config.json: head: an encoder backbone needs a task head (classification, "
+                "multi_label or regression)"
+            )
+        if head is not None and not self.has_head:
+            raise InvalidArtifact("adapter_config.json: head: this backbone has no encoder to put a head on")
+        if head is not None and head.num_outputs > self.model.config.head_max_outputs:
+            raise InvalidArtifact(
+                f"the head has {head.num_outputs} outputs; this server allows at most "
+                f"{self.model.config.head_max_outputs} (ADAPTERSERVE_HEAD_MAX_OUTPUTS)"
+            )
+
+    def _dry_run(self, config, tensors: dict[str, torch.Tensor]) -> None:
+        """Check that every bank write of this adapter fits this server's banks, writing nothing."""
+        try:
+            entries = self.model.entries(config, tensors)
+        except KeyError:
+            raise InvalidArtifact(f"method {config.method!r} is not supported by this server yet") from None
+        except ValueError as exc:
+            raise InvalidArtifact(f"the adapter does not fit this server: {exc}") from None
+        for entry in entries:
+            bank = self.model.banks.get((entry.key, entry.kind))
+            if bank is None:
+                raise InvalidArtifact(
+                    f"this server has no {entry.kind} bank at {entry.key}; check its bank settings"
+                )
+            if isinstance(bank, HeadBank):
+                if entry.kwargs.get("dense") is not None and not bank.two_layer_ok:
+                    raise InvalidArtifact("two-layer heads are disabled on this server")
+                continue
+            try:
+                parts, _ = bank.layout(**entry.kwargs)
+            except ValueError as exc:
+                raise PayloadTooLarge(f"the adapter exceeds this server's slot size: {exc}") from None
+            for name, value in parts.items():
+                room = getattr(bank, name).shape[1:]
+                if value.dim() != len(room) or any(a > b for a, b in zip(value.shape, room, strict=True)):
+                    raise InvalidArtifact(
+                        f"the adapter does not fit this server's {entry.kind} bank at {entry.key}: "
+                        f"{tuple(value.shape)} vs {tuple(room)}"
+                    )

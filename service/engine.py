@@ -1,0 +1,215 @@
+"""The model side of serving: one worker thread per device runs every forward pass and slot load.
+
+The event loop never blocks on torch or tokenization: tokenization runs on a thread of its own
+(fast tokenizers are not safe to share across threads), and forwards, slot loads and evictions
+run on the device's single worker thread, one at a time, so slot state needs no further locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters.heads import decode_row
+from service.batcher import Row
+from service.cache import Adapter, DeviceSlots
+from service.metrics import Metrics
+from store.errors import InvalidRequest
+
+__all__ = ["Encoded", "Engine", "Work"]
+
+log = logging.getLogger(__name__)
+
+Text = str | tuple[str, str] | list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenized input."""
+
+    ids: list[int]
+    types: list[int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A row's payload: its tokens, the adapter version it runs with, and its output options."""
+
+    adapter: Adapter
+    encoded: Encoded
+    all_scores: bool = False
+    max_new_tokens: int = 0
+
+    @property
+    def generates(self) -> bool:
+        """Whether the row is generation (no task head) rather than classification."""
+        return self.adapter.head is None
+
+
+class Engine:
+    """Runs batches of rows on the device's worker thread and splits the outputs per row."""
+
+    def __init__(self, *, model, device: DeviceSlots, metrics: Metrics, max_input_tokens: int) -> None:
+        self.model = model
+        self.backbone = model.backbone
+        self.tokenizer = model.backbone.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("the backbone has no tokenizer; the service needs one")
+        self.device = device
+        self.m = metrics
+        self.max_input_tokens = min(max_input_tokens, model.spec.max_positions)
+        self.decoder_only = self.backbone.generative and model.spec.num_layers == 0
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.use_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
+        name = self.backbone.device.type
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"adapterserve-{name}")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterserve-tokenize")
+
+    # -- threads --------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the device's worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def tokenize(self, inputs: Sequence[Text]) -> list[Encoded]:
+        """Tokenize strings and [text_a, text_b] pairs off the event loop, truncated to the limit."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._tokenize, inputs)
+
+    async def run_batch(self, rows: list[Row]) -> list[Any]:
+        """The batcher's hook: each row's output dict, or the exception that row failed with."""
+        return await self.call(self._run, rows)
+
+    def close(self) -> None:
+        """Stop the threads once their queued work is done."""
+        self._tokenize_pool.shutdown(wait=True, cancel_futures=True)
+        self._worker.shutdown(wait=True)
+
+    # -- tokenization ---------------------------------------------------------------------------
+
+    def _tokenize(self, inputs: Sequence[Text]) -> list[Encoded]:
+        singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        out: list[Encoded | None] = [None] * len(inputs)
+        opts = {"truncation": True, "max_length": self.max_input_tokens}
+        if singles:
+            enc = self.tokenizer([inputs[i] for i in singles], **opts)
+            self._collect(enc, singles, out)
+        if pairs:
+            enc = self.tokenizer([inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs], **opts)
+            self._collect(enc, pairs, out)
+        for e in out:
+            if not e.ids:
+                raise InvalidRequest("an input is empty after tokenization; send some text")
+        return out  # type: ignore[return-value]
+
+    def _collect(self, enc, where: list[int], out: list[Encoded | None]) -> None:
+        types = enc.get("token_type_ids") if self.use_types else None
+        for j, i in enumerate(where):
+            out[i] = Encoded(
+                ids=list(enc["input_ids"][j]), types=list(types[j]) if types is not None else None
+            )
+
+    # -- batches (worker thread) ----------------------------------------------------------------
+
+    def _run(self, rows: list[Row]) -> list[Any]:
+        works: list[Work] = [r.payload for r in rows]
+        results: list[Any] = [None] * len(rows)
+        for generates in (False, True):
+            idx = [i for i, w in enumerate(works) if w.generates == generates]
+            if not idx:
+                continue
+            adapters = list({works[i].adapter.key: works[i].adapter for i in idx}.values())
+            for group in self.device.plan(adapters):
+                keys = {a.key for a in group}
+                part = [i for i in idx if works[i].adapter.key in keys]
+                try:
+                    slots = self.device.assign(group)
+                    sub = [works[i] for i in part]
+                    outs = self._generate(sub, slots) if generates else self._classify(sub, slots)
+                except Exception as exc:
+                    # One task's failure (a load, a bad input) must not fail the other tasks' rows.
+                    log.warning("batch part of %d rows failed: %s", len(part), exc)
+                    outs = [exc] * len(part)
+                for i, o in zip(part, outs, strict=True):
+                    results[i] = o
+        return results
+
+    def _pad(self, works: list[Work], *, left: bool) -> dict[str, torch.Tensor]:
+        longest = max(len(w.encoded.ids) for w in works)
+        n = len(works)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        types = torch.zeros((n, longest), dtype=torch.long) if self.use_types else None
+        for j, w in enumerate(works):
+            k = len(w.encoded.ids)
+            span = slice(longest - k, longest) if left else slice(0, k)
+            ids[j, span] = torch.tensor(w.encoded.ids)
+            mask[j, span] = 1
+            if types is not None and w.encoded.types is not None:
+                types[j, span] = torch.tensor(w.encoded.types)
+        dev = self.backbone.device
+        out = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        if types is not None:
+            out["token_type_ids"] = types.to(dev)
+        return out
+
+    def _observe(self, works: list[Work], started: float) -> None:
+        self.m.forward_duration.observe(time.perf_counter() - started)
+        self.m.batch_size.observe(len(works))
+        self.m.batch_tasks.observe(len({w.adapter.task for w in works}))
+
+    def _classify(self, works: list[Work], slots: dict) -> list[dict]:
+        batch = self._pad(works, left=False)
+        slot_ids = [slots[w.adapter.key] for w in works]
+        started = time.perf_counter()
+        extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        out = self.model.classify(batch["input_ids"], batch["attention_mask"], slot_ids, **extra)
+        logits = out.logits.float().cpu()
+        self._observe(works, started)
+        return [
+            decode_row(
+                logits[j],
+                kind=w.adapter.head.type,
+                labels=list(w.adapter.head.labels),
+                all_scores=w.all_scores,
+            )
+            for j, w in enumerate(works)
+        ]
+
+    def _generate(self, works: list[Work], slots: dict) -> list[dict]:
+        batch = self._pad(works, left=self.decoder_only)
+        slot_ids = [slots[w.adapter.key] for w in works]
+        longest = max(w.max_new_tokens for w in works)
+        started = time.perf_counter()
+        tokens = self.model.generate(
+            batch["input_ids"], batch["attention_mask"], slot_ids, max_new_tokens=longest
+        ).cpu()
+        self._observe(works, started)
+        # Seq2seq output starts with the decoder start token; greedy decoding makes a shorter run a prefix.
+        skip = 0 if self.decoder_only else 1
+        return [
+            {
+                "generated_text": self.tokenizer.decode(
+                    tokens[j, skip : skip + w.max_new_tokens].tolist(), skip_special_tokens=True
+                )
+            }
+            for j, w in enumerate(works)
+        ]
+
+    def warm_up(self) -> None:
+        """One backbone-only forward (slot 0), so the first request does not pay for lazy set-up."""
+        enc = self._tokenize(["warm up"])
+        batch = self._pad([Work(adapter=None, encoded=enc[0])], left=self.decoder_only)  # type: ignore[arg-type]
+        with torch.inference_mode():
+            if ("head", "head") in self.model.banks:
+                extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+                self.model.classify(batch["input_ids"], batch["attention_mask"], [0], **extra)
+            else:
+                self.model.generate(batch["input_ids"], batch["attention_mask"], [0], max_new_tokens=1)
