@@ -188,11 +188,6 @@ class DeviceSlots:
         with self._lock:
             return sorted(k[2] for k in self._slots if k[:2] == (task, uid))
 
-    def pinned_count(self, exclude: Iterable[Key] = ()) -> int:
-        """Resident pinned adapters, not counting `exclude`."""
-        with self._lock:
-            return len((self._pinned & self._slots.keys()) - set(exclude))
-
     def set_pinned(self, keys: Iterable[Key]) -> None:
         """Make exactly these keys the ones never evicted."""
         with self._lock:
@@ -201,17 +196,25 @@ class DeviceSlots:
     # -- worker thread ------------------------------------------------------------------------
 
     def plan(self, adapters: list[Adapter]) -> list[list[Adapter]]:
-        """Split the adapters of one batch into groups that fit the device at once."""
-        room = max(self.capacity - self.pinned_count(a.key for a in adapters), 1)
-        budget = self.budget
-        groups: list[list[Adapter]] = [[]]
-        used = 0
+        """Split the adapters of one batch into groups that fit the device at once.
+
+        A group may use every slot and byte except those held by pinned adapters outside it.
+        """
+        with self._lock:
+            pinned = {k: self._bytes[k] for k in self._pinned if k in self._slots}
+        groups: list[list[Adapter]] = []
+        group: list[Adapter] = []
+        keys: set[Key] = set()
         for a in adapters:
-            if groups[-1] and (len(groups[-1]) >= room or used + a.nbytes > budget):
-                groups.append([])
-                used = 0
-            groups[-1].append(a)
-            used += a.nbytes
+            trial = keys | {a.key}
+            outside = [b for k, b in pinned.items() if k not in trial]
+            used = sum(x.nbytes for x in group) + a.nbytes + sum(outside)
+            if group and (len(trial) + len(outside) > self.capacity or used > self.budget):
+                groups.append(group)
+                group, trial = [], {a.key}
+            group.append(a)
+            keys = trial
+        groups.append(group)
         return groups
 
     def assign(self, adapters: list[Adapter]) -> dict[Key, int]:

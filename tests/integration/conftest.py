@@ -1,0 +1,221 @@
+"""Fixtures for API tests: a tiny in-process BERT backbone, artifact builders, and a running app."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from adapters.backbone import Backbone
+from adapters.heads import decode_row
+from adapters.model import BankConfig, MultiTaskModel
+from service.app import create_app
+from service.settings import Settings
+from store.artifact import expected_tensors, parse_config
+from store.safetensors_io import write_safetensors
+
+ADMIN = "admin-key-0123456789abcdef"
+API = "api-key-0123456789abcdef"
+# fmt: off
+WORDS = [
+    "the", "a", "an", "movie", "film", "plot", "actor", "actress", "good", "bad", "great", "awful", "boring",
+    "fun", "is", "was", "not", "very", "really", "and", "but", "story", "music", "scene", "ending", "long",
+    "short", "loved", "hated", "it", "this", "that", "i", "you",
+]
+# fmt: on
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + WORDS
+
+
+def tiny_tokenizer() -> BertTokenizerFast:
+    """A word-level BERT tokenizer over a small fixed vocabulary."""
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)})
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    """BERT with hidden 32, 2 layers, 4 heads; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    """A fresh tiny backbone (each MultiTaskModel changes its backbone's module tree, so one each)."""
+    return Backbone.from_model(tiny_bert(seed), tokenizer=tiny_tokenizer(), name="tiny-bert")
+
+
+HEADS = {
+    "classification": {"type": "classification", "labels": ["negative", "positive"]},
+    "three": {"type": "classification", "labels": ["a", "b", "c"]},
+    "regression": {"type": "regression"},
+}
+HYPER = {
+    "lora": {"r": 4, "alpha": 8.0},
+    "bottleneck": {"bottleneck_dim": 8},
+    "parallel": {"bottleneck_dim": 8, "scaling": 4.0},
+    "ia3": {},
+    "layernorm": {},
+}
+
+
+def artifact_config(method: str, fingerprint: str, *, head: str = "classification", **overrides) -> dict:
+    """An adapter_config.json for a method, with small hyperparameters."""
+    cfg = {"method": method, "backbone_fingerprint": fingerprint, **HYPER[method], "head": HEADS[head]}
+    cfg.update(overrides)
+    return cfg
+
+
+def random_arrays(config: dict, spec, *, seed: int, scale: float = 0.5) -> dict[str, np.ndarray]:
+    """Random float32 tensors with exactly the names and shapes the config implies."""
+    rng = np.random.default_rng(seed)
+    shapes = expected_tensors(parse_config(config), spec)
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+
+
+def write_artifact(directory: Path, config: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write an artifact directory (adapter_config.json + adapter.safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    write_safetensors(directory / "adapter.safetensors", arrays)
+    return directory
+
+
+def make_artifact(
+    root: Path, name: str, method: str, spec, *, seed: int, head: str = "classification"
+) -> Path:
+    """A random artifact of a method for the backbone `spec`."""
+    config = artifact_config(method, spec.fingerprint, head=head)
+    return write_artifact(root / name, config, random_arrays(config, spec, seed=seed))
+
+
+def multipart(directory: Path) -> dict:
+    """httpx `files=` for an artifact directory."""
+    return {
+        "config": (
+            "adapter_config.json",
+            (directory / "adapter_config.json").read_bytes(),
+            "application/json",
+        ),
+        "weights": (
+            "adapter.safetensors",
+            (directory / "adapter.safetensors").read_bytes(),
+            "application/octet-stream",
+        ),
+    }
+
+
+class Reference:
+    """In-process expected outputs: one adapter on a fresh backbone, one input at a time, no batching."""
+
+    def __init__(self, make_backbone: Callable[[], Backbone]) -> None:
+        self.model = MultiTaskModel(make_backbone(), banks=BankConfig(slots=2))
+        self.tok = self.model.backbone.tokenizer
+
+    def outputs(
+        self, directory: Path, inputs: list, *, all_scores: bool = False, max_len: int = 256
+    ) -> list[dict]:
+        """What the server should answer for `inputs` with the artifact in `directory`."""
+        from store.safetensors_io import SafetensorsLimits, load_arrays
+
+        config = parse_config((directory / "adapter_config.json").read_bytes())
+        arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
+        self.model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+        out = []
+        for x in inputs:
+            enc = (
+                self.tok(x, truncation=True, max_length=max_len, return_tensors="pt")
+                if isinstance(x, str)
+                else (self.tok(x[0], x[1], truncation=True, max_length=max_len, return_tensors="pt"))
+            )
+            extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
+            head = self.model.classify(enc["input_ids"], enc["attention_mask"], [1], **extra)
+            out.append(
+                decode_row(
+                    head.logits[0],
+                    kind=config.head.type,
+                    labels=list(config.head.labels),
+                    all_scores=all_scores,
+                )
+            )
+        return out
+
+
+def assert_outputs_close(got: list[dict], want: list[dict], *, tol: float = 1e-4) -> None:
+    """Labels equal; scores and values equal within `tol` (batching pads, which moves the last bits)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.get("label") == w.get("label")
+        for field in ("score", "value"):
+            if field in w:
+                assert abs(g[field] - w[field]) < tol, (field, g, w)
+        if "scores" in w:
+            assert g["scores"].keys() == w["scores"].keys()
+            assert list(g["scores"]) == list(w["scores"])
+            for k in w["scores"]:
+                assert abs(g["scores"][k] - w["scores"][k]) < tol
+
+
+def admin(key: str = ADMIN) -> dict:
+    """Authorization header of a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a test app: store under tmp_path, fixed keys, no seed dir, small batches."""
+
+    def make(**overrides) -> Settings:
+        base = {
+            "store": tmp_path / "store",
+            "admin_keys": [ADMIN],
+            "seed_dir": None,
+            "max_wait_ms": 1.0,
+            "slots": 8,
+            "request_timeout_s": 30.0,
+            "drain_timeout_s": 5.0,
+        }
+        base.update(overrides)
+        return Settings(**base)
+
+    return make
+
+
+@pytest.fixture
+def running(settings_for):
+    """Factory of running apps: `async with running(**settings) as (app, client): ...`."""
+
+    @contextlib.asynccontextmanager
+    async def start(
+        *, backbone: Backbone | None = None, wait_ready: bool = True, **overrides
+    ) -> AsyncIterator:
+        app = create_app(settings_for(**overrides), backbone=backbone or tiny_backbone())
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30.0) as client:
+                if wait_ready:
+                    await app.state.service.ready.wait()
+                yield app, client
+
+    return start
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """A directory for test artifacts."""
+    path = tmp_path / "artifacts"
+    path.mkdir()
+    return path
