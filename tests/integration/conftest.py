@@ -219,3 +219,46 @@ def artifacts(tmp_path: Path) -> Path:
     path = tmp_path / "artifacts"
     path.mkdir()
     return path
+
+
+GEN_WORDS = ["<pad>", "<unk>", "<eos>", *WORDS]
+
+
+def tiny_gpt2_backbone(seed: int = 0) -> Backbone:
+    """A decoder-only GPT-2 (hidden 32, 2 layers) with a word-level tokenizer, for generation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(GEN_WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(GEN_WORDS),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return Backbone.from_model(GPT2LMHeadModel(cfg).eval(), tokenizer=tok, name="tiny-gpt2")
+
+
+def reference_generation(directory: Path, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """Greedy generation of each prompt alone with the artifact in `directory`, on a fresh tiny GPT-2."""
+    from store.safetensors_io import SafetensorsLimits, load_arrays
+
+    model = MultiTaskModel(tiny_gpt2_backbone(), banks=BankConfig(slots=2))
+    config = parse_config((directory / "adapter_config.json").read_bytes())
+    arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
+    model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+    tok = model.backbone.tokenizer
+    out = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        new = model.generate(enc["input_ids"], enc["attention_mask"], [1], max_new_tokens=max_new_tokens)
+        out.append(tok.decode(new[0].tolist(), skip_special_tokens=True))
+    return out

@@ -666,3 +666,39 @@ async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, art
         assert _sample(text, "adapterserve_uploads_total", result="ok") == 3
         assert _sample(text, "adapterserve_adapter_loads_total", source="store", result="ok") >= 0
         assert _sample(text, "adapterserve_batch_size_count") >= 3
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+
+async def test_generative_backbone_returns_generated_text(running, artifacts):
+    from conftest import reference_generation, tiny_gpt2_backbone
+
+    async with running(backbone=tiny_gpt2_backbone(), max_new_tokens=6) as (app, client):
+        spec = app.state.service.backbone.spec
+        info = (await client.get("/v1/backbone")).json()
+        assert info["generative"] is True and info["architecture"] == "gpt2"
+        config = {"method": "lora", "r": 4, "targets": ["qkv"], "backbone_fingerprint": spec.fingerprint}
+        d = write_artifact(artifacts / "gen", config, random_arrays(config, spec, seed=7, scale=2.0))
+        assert (await upload(client, "gen", d)).status_code == 201
+        prompts = ["the movie was", "i loved it and", "bad"]
+        r = await client.post(
+            "/v1/tasks/gen/predict", json={"inputs": prompts, "parameters": {"max_new_tokens": 4}}
+        )
+        assert r.status_code == 200, r.text
+        got = [o["generated_text"] for o in r.json()["outputs"]]
+        assert got == reference_generation(d, prompts, max_new_tokens=4)
+        assert all(got) and len(got[0].split()) == 4, got
+        r = await client.post(
+            "/v1/tasks/gen/predict", json={"inputs": prompts[:1], "parameters": {"max_new_tokens": 99}}
+        )
+        assert (
+            r.json()["outputs"][0]["generated_text"]
+            == reference_generation(d, prompts[:1], max_new_tokens=6)[0]
+        )
+        r = await client.post("/v1/tasks/gen/predict", json={"inputs": [["a", "b"]]})
+        assert r.status_code == 400
+        # A head needs an encoder; GPT-2 has none.
+        bad = {**config, "head": {"type": "regression"}}
+        d = write_artifact(artifacts / "bad", bad, random_arrays(config, spec, seed=7))
+        assert (await upload(client, "bad", d)).status_code == 422
