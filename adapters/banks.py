@@ -365,11 +365,18 @@ class BankedLinear(nn.Module):
 
 
 class BankedNorm(_Bank):
-    """A LayerNorm (or T5 RMSNorm) whose affine parameters can be overridden per task."""
+    """A LayerNorm (or T5 RMSNorm) whose affine parameters can be overridden per task.
 
-    def __init__(self, base: nn.Module, *, slots: int, router: Router) -> None:
+    On post-LN backbones it may also hold the sequential adapters placed after the norm
+    (`post`): with z = y + x, it returns `LN(z + a(LN(z)))` instead of `LN(z)`.
+    """
+
+    def __init__(
+        self, base: nn.Module, *, slots: int, router: Router, post: BottleneckBank | None = None
+    ) -> None:
         super().__init__(slots=slots, router=router)
         self.base = base
+        self.post = post
         self.rms = not isinstance(base, nn.LayerNorm)
         self.eps = float(getattr(base, "eps", getattr(base, "variance_epsilon", 1e-6)))
         w = base.weight.detach()
@@ -402,6 +409,14 @@ class BankedNorm(_Bank):
         return (x * torch.rsqrt(var + self.eps)).to(self.w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm; rows with an adapter placed after it get `LN(x + a(LN(x)))`."""
+        y = self._norm(x)
+        if self.post is not None and self.post.active():
+            # rows without such an adapter get a zero delta, so their output is unchanged
+            y = self._norm(x + self.post.delta(y))
+        return y
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """Base norm, or each row's own affine parameters when any row overrides them."""
         if not self.active():
             return self.base(x)

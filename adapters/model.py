@@ -22,7 +22,7 @@ from adapters.banks import BankedLinear, BankedNorm, BottleneckBank, IA3Bank, Lo
 from adapters.heads import HeadBank, HeadOutput
 from adapters.methods import common_entries, get_method
 from adapters.router import Router
-from store.artifact import expected_tensors
+from store.artifact import expected_tensors, post_norm_backbone
 
 __all__ = ["BankConfig", "MultiTaskModel"]
 
@@ -43,6 +43,8 @@ class BankConfig:
     """Whether projections get IA3 banks."""
     bottleneck_max_dim: int = 64
     """Largest bottleneck width of sequential and parallel adapters (0 disables them)."""
+    bottleneck_post_norm: bool = True
+    """Whether post-LN backbones get banks for sequential adapters placed after the norm (AdapterHub)."""
     prefix_max_len: int = 32
     """Longest prefix a slot holds (0 disables prefix banks)."""
     layernorm: bool = True
@@ -92,6 +94,7 @@ class MultiTaskModel(nn.Module):
         core = self.backbone.core
         fac, rt, s = self._factory(), self.router, cfg.slots
         h = spec.hidden_size
+        post_norm = bool(cfg.bottleneck_max_dim and cfg.bottleneck_post_norm and post_norm_backbone(spec))
         install_attention_hook(self.backbone.model)
         for stack, path in arch.stacks.items():
             for i, layer in enumerate(core.get_submodule(path)):
@@ -166,11 +169,18 @@ class MultiTaskModel(nn.Module):
                         sublayer=out,
                     )
                     _replace(layer, paths[proj], wrapped)
-                if cfg.layernorm:
-                    for norm in ("attn_ln", "ffn_ln", "cross_ln"):
-                        if norm in paths:
-                            bank = BankedNorm(layer.get_submodule(paths[norm]), slots=s, router=rt)
-                            _replace(layer, paths[norm], bank)
+                for norm in ("attn_ln", "ffn_ln", "cross_ln"):
+                    site = norm.removesuffix("_ln")
+                    post = None
+                    if post_norm and site in sublayers and norm in paths:
+                        post = BottleneckBank(
+                            d_in=h, d_out=h, max_dim=cfg.bottleneck_max_dim, slots=s, router=rt, **fac
+                        )
+                        self._register(f"{stack}.{i}.{site}", "seq_post", post)
+                    if norm in paths and (cfg.layernorm or post is not None):
+                        bank = BankedNorm(layer.get_submodule(paths[norm]), slots=s, router=rt, post=post)
+                        _replace(layer, paths[norm], bank)
+                        if cfg.layernorm:
                             self._register(f"{stack}.{i}.{norm}", "ln", bank)
                 if cfg.prefix_max_len and stack in arch.attention:
                     attn = layer.get_submodule(arch.attention[stack])

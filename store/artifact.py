@@ -34,6 +34,7 @@ __all__ = [
     "TinyAttentionConfig",
     "expected_tensors",
     "parse_config",
+    "post_norm_backbone",
 ]
 
 FORMAT_VERSION = 1
@@ -44,6 +45,12 @@ ProjectionSite = Literal[
     "q", "k", "v", "o", "qkv", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o"
 ]
 MetaValue = str | int | float | bool | None
+Placement = Literal["output", "post_norm"]
+_PLACEMENT_DOC = (
+    "Where a sequential adapter sits. output: on the sublayer output y, before the residual add "
+    "and the norm: LN(y + a(y) + x) (Houlsby). post_norm: reads the normed output h = LN(y + x) and "
+    "the norm is applied again: LN(y + a(h) + x) (AdapterHub's seq_bn; post-LN backbones only)."
+)
 
 
 class _Strict(BaseModel):
@@ -98,6 +105,7 @@ class BottleneckConfig(_Base):
     bottleneck_dim: int = Field(ge=1, le=4096, description="Width of the bottleneck.")
     activation: Activation = Field(default="relu", description="Non-linearity between down and up.")
     scaling: float = Field(default=1.0, description="Fixed multiplier on the adapter's output.")
+    placement: Placement = Field(default="output", description=_PLACEMENT_DOC)
 
 
 class ParallelConfig(_Base):
@@ -190,6 +198,7 @@ class CompacterConfig(_Base):
     phm_rank: int = Field(default=1, ge=1, le=64, description="Rank of the low-rank B_i (compacter).")
     activation: Activation = Field(default="gelu")
     scaling: float = Field(default=1.0)
+    placement: Placement = Field(default="output", description=_PLACEMENT_DOC)
 
     @property
     def sites(self) -> list[str]:
@@ -292,6 +301,11 @@ def _layers(spec: BackboneSpec, *, sites: list[str]) -> list[tuple[str, int, str
     return out
 
 
+def post_norm_backbone(spec: BackboneSpec) -> bool:
+    """Whether each sublayer's norm follows its residual add (post-LN), so `post_norm` placement exists."""
+    return spec.family in ("bert", "distilbert", "bart") and spec.model_type != "mbart"
+
+
 def _projection_ok(spec: BackboneSpec, stack: str, target: str) -> bool:
     if target == "qkv":
         return spec.family == "gpt2"
@@ -327,6 +341,8 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
     h = spec.hidden_size
     out: dict[str, tuple[int, ...]] = {}
     m = config.method
+    if getattr(config, "placement", "output") == "post_norm" and not post_norm_backbone(spec):
+        raise BackboneMismatch(f"placement 'post_norm' needs a post-LN backbone; {spec.model_type} is pre-LN")
     if m == "hypernetwork":
         return hypernetwork_tensors(config, spec)
     if m == "bottleneck":

@@ -9,9 +9,14 @@ resident and expands them per batch, for when memory matters more than compute.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from adapters.methods.base import Entry, Method, layer_keys
+from adapters.methods.base import Entry, Method, layer_keys, normal, xavier_uniform
+
+RULE_STD = 0.01
+"""Standard deviation of the shared rule matrices A_i (the Compacter reference's `phm_init_range`)."""
 
 
 def kron_sum(rule: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,9 @@ class Compacter(Method):
         out = []
         for key, _ in layer_keys(spec, config.sites):
             p = f"{key}.seq"
-            if banks is not None and banks.compacter_factored:
+            # adapters placed after the norm live in the dense post-norm bank, never factored
+            post = config.placement == "post_norm"
+            if banks is not None and banks.compacter_factored and not post:
                 kw = {
                     "rule": rule,
                     "down_f": phm_factor(tensors, f"{p}.down", config.variant),
@@ -60,5 +67,17 @@ class Compacter(Method):
                 "activation": config.activation,
                 "scale": config.scaling,
             }
-            out.append(Entry(key, "seq", kw))
+            out.append(Entry(key, "seq_post" if post else "seq", kw))
         return out
+
+    def init(self, shapes, *, generator):
+        """As the Compacter reference: rule ~ N(0, 0.01²), factors Glorot-uniform (gain √2), biases 0."""
+        out = {}
+        for k, s in shapes.items():
+            if k == "phm_rule":
+                out[k] = normal(s, std=RULE_STD, generator=generator)
+            elif k.endswith((".s", ".t", ".W")):
+                out[k] = xavier_uniform(s, gain=math.sqrt(2.0), generator=generator)
+            elif k.endswith(".bias"):
+                out[k] = torch.zeros(s)
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)

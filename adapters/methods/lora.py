@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from adapters.banks import lora_scaling
-from adapters.methods.base import Entry, Method
+from adapters.methods.base import Entry, Method, kaiming_uniform
 
 
 class LoRA(Method):
@@ -32,3 +32,9 @@ class LoRA(Method):
         return {
             k: torch.randn(s, generator=g) if k.endswith(".A") else torch.zeros(s) for k, s in shapes.items()
         }
+
+    def init(self, shapes, *, generator):
+        """PEFT's initialisation: A kaiming-uniform (a=sqrt(5)), B zero, so the update starts at 0."""
+        out = {k: kaiming_uniform(s, generator=generator) for k, s in shapes.items() if k.endswith(".lora.A")}
+        out |= {k: torch.zeros(s) for k, s in shapes.items() if k.endswith(".lora.B")}
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adapters.methods.base import Entry, Method, layer_keys
+from adapters.methods.bottleneck import bottleneck_init
 
 
 class MHParallel(Method):
@@ -25,3 +26,8 @@ class MHParallel(Method):
             }
             out.append(Entry(key, "mhpa", kw))
         return out
+
+    def init(self, shapes, *, generator):
+        """Per-head down small normal, up zero: training starts from the plain backbone."""
+        out = bottleneck_init(shapes, generator=generator)
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)

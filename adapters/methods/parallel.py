@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from adapters.methods.base import Entry, Method, layer_keys
-from adapters.methods.bottleneck import bottleneck_kwargs
+from adapters.methods.bottleneck import bottleneck_init, bottleneck_kwargs
 
 
 class Parallel(Method):
@@ -30,3 +30,8 @@ class Parallel(Method):
     def identity(self, shapes):
         """Zero weights; a learned scale starts at 1 as in AdapterHub."""
         return {k: torch.ones(s) if k.endswith(".scale") else torch.zeros(s) for k, s in shapes.items()}
+
+    def init(self, shapes, *, generator):
+        """Down small normal, up zero, learned scale 1: training starts from the plain backbone."""
+        out = bottleneck_init(shapes, generator=generator)
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from adapters.methods.base import Entry, Method
+from adapters.methods.base import Entry, Method, normal
+
+PREFIX_STD = 0.02
+"""Standard deviation of randomly initialised prefixes (the trainer prefers real tokens' keys/values)."""
 
 
 def prefix_entries(tensors, spec) -> list[Entry]:
@@ -36,6 +39,15 @@ def collapse_prefix_mlp(
     return {f"{i}.{kv}": flat[:, i, j] for i in range(num_layers) for j, kv in enumerate(("key", "value"))}
 
 
+def prefix_init(shapes: dict[str, tuple[int, ...]], *, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The prefix tensors among `shapes`, small normal (near-zero keys: attention to them starts flat)."""
+    return {
+        k: normal(s, std=PREFIX_STD, generator=generator)
+        for k, s in shapes.items()
+        if k.endswith((".prefix.key", ".prefix.value"))
+    }
+
+
 class Prefix(Method):
     """Keys and values prepended per row; rows with other lengths (or none) are masked."""
 
@@ -44,3 +56,8 @@ class Prefix(Method):
     def entries(self, config, tensors, spec, *, banks=None):
         """Prefix entries for every self-attention."""
         return prefix_entries(tensors, spec)
+
+    def init(self, shapes, *, generator):
+        """Small normal prefixes."""
+        out = prefix_init(shapes, generator=generator)
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.methods.base import Entry, Method
+from adapters.methods.base import Entry, Method, xavier_uniform
 
 _PARTS = ("ln.weight", "ln.bias", "in.weight", "in.bias", "qkv.weight", "qkv.bias", "o.weight", "o.bias")
 _PARTS += ("out.weight", "out.bias")
@@ -43,3 +43,12 @@ class TinyAttention(Method):
     def identity(self, shapes):
         """Zero output projection: the adapter adds nothing (LN weight 1 keeps it well defined)."""
         return {k: torch.ones(s) if k.endswith("ln.weight") else torch.zeros(s) for k, s in shapes.items()}
+
+    def init(self, shapes, *, generator):
+        """Glorot-uniform input, attention and head-output weights; the output projection zero (a no-op)."""
+        out = {}
+        for k, s in shapes.items():
+            part = k.split(".tiny.")[-1]
+            if part in ("in.weight", "qkv.weight", "o.weight"):
+                out[k] = xavier_uniform(s, generator=generator)
+        return out | super().init({k: s for k, s in shapes.items() if k not in out}, generator=generator)
