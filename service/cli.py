@@ -1,4 +1,4 @@
-"""`adapterserve` command line: `serve` runs the HTTP service, `upload` sends an artifact to one."""
+"""`adapterserve` command line: `serve`, `upload`, `train` and `import`."""
 
 from __future__ import annotations
 
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-activate", action="store_true", help="store the version without making it current"
     )
     upload.set_defaults(func=_upload)
+    # the model-side commands register themselves; their heavy imports happen only when run
+    from adapters.formats import add_import_parser
+    from adapters.train import add_train_parser
+
+    add_train_parser(sub)
+    add_import_parser(sub)
     return parser
 
 

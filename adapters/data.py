@@ -1,0 +1,368 @@
+"""Training data: CSV/TSV/JSONL readers, the GLUE tasks by name, tokenized batches and GLUE metrics.
+
+Torch appears only in `Batches`; readers and metrics are plain Python and numpy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GLUE_TASKS",
+    "Batches",
+    "Dataset",
+    "Example",
+    "GlueTask",
+    "TaskData",
+    "baseline_metrics",
+    "compute_metrics",
+    "glue_dir",
+    "infer_task",
+    "load_glue",
+    "read_examples",
+    "tokenize",
+]
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input (a text or a pair) and its gold label (a string; the float as text for regression)."""
+
+    text: str
+    label: str
+    text_pair: str | None = None
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task's columns are, what it predicts and how GLUE scores it."""
+
+    name: str
+    text: str | int
+    label: str | int
+    pair: str | int | None = None
+    header: bool = True
+    regression: bool = False
+    metrics: tuple[str, ...] = ("accuracy",)
+    labels: tuple[str, ...] = ("0", "1")
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in (
+        GlueTask("SST-2", text="sentence", label="label"),
+        GlueTask("MRPC", text="#1 String", pair="#2 String", label="Quality", metrics=("accuracy", "f1")),
+        # CoLA's files have no header: source, label, original mark, sentence.
+        GlueTask("CoLA", text=3, label=1, header=False, metrics=("matthews",)),
+        GlueTask(
+            "RTE",
+            text="sentence1",
+            pair="sentence2",
+            label="label",
+            labels=("entailment", "not_entailment"),
+        ),
+        GlueTask(
+            "STS-B",
+            text="sentence1",
+            pair="sentence2",
+            label="score",
+            regression=True,
+            metrics=("pearson", "spearman"),
+            labels=(),
+        ),
+    )
+}
+
+
+def glue_dir() -> Path:
+    """The GLUE data directory: `ADAPTERSERVE_GLUE_DIR`, else `../shared/data/glue` beside the repository."""
+    env = os.environ.get("ADAPTERSERVE_GLUE_DIR")
+    return Path(env) if env else (_REPO.parent / "shared" / "data" / "glue").resolve()
+
+
+def _field(row: Sequence[str] | dict, col: str | int, *, where: str) -> str:
+    try:
+        value = row[col]  # type: ignore[index]
+    except (KeyError, IndexError):
+        raise ValueError(f"{where}: no column {col!r}") from None
+    if value is None:
+        raise ValueError(f"{where}: column {col!r} is empty")
+    return str(value)
+
+
+def _column(col: str | int, header: bool) -> str | int:
+    if not header and isinstance(col, str):
+        if not col.isdigit():
+            raise ValueError(f"a file without a header names columns by 0-based index, not {col!r}")
+        return int(col)
+    return col
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    text_column: str | int,
+    label_column: str | int,
+    text_pair_column: str | int | None = None,
+    header: bool = True,
+) -> list[Example]:
+    """Read a .csv, .tsv (quoting off, as GLUE's files need) or .jsonl file into examples."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    rows: Iterator[tuple[int, Sequence[str] | dict]]
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        if suffix == ".jsonl":
+            rows = ((n, json.loads(line)) for n, line in enumerate(fh, 1) if line.strip())
+            header = True
+        elif suffix in (".tsv", ".csv"):
+            reader = (
+                csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(fh)
+            )
+            if header:
+                names = next(reader)
+                rows = ((n, dict(zip(names, r, strict=False))) for n, r in enumerate(reader, 2) if r)
+            else:
+                rows = ((n, r) for n, r in enumerate(reader, 1) if r)
+        else:
+            raise ValueError(f"{path.name}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+        cols = [_column(c, header) if c is not None else None for c in (text_column, text_pair_column)]
+        label = _column(label_column, header)
+        out = []
+        for n, row in rows:
+            where = f"{path.name}:{n}"
+            pair = None if cols[1] is None else _field(row, cols[1], where=where)
+            lab = row[label] if isinstance(row, dict) and label in row else None
+            lab_text = _field(row, label, where=where) if lab is None else _label_text(lab)
+            out.append(Example(text=_field(row, cols[0], where=where), text_pair=pair, label=lab_text))
+    if not out:
+        raise ValueError(f"{path.name}: no examples")
+    return out
+
+
+def _label_text(value: object) -> str:
+    # JSON numbers keep their spelling: 1 is a class, 1.0 and 0.5 are regression targets
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def infer_task(labels: Sequence[str], *, kind: str = "auto") -> tuple[str, list[str]]:
+    """('regression', []) when the targets are floats, else ('classification', sorted label names).
+
+    Integer labels sort numerically ("2" before "10"); a regression target is a number with a
+    fractional part or a decimal point ("3.8", "4.0").
+    """
+    distinct = sorted(set(labels))
+    floats = [_as_float(x) for x in distinct]
+    numeric = all(f is not None for f in floats)
+    if kind == "regression" or (
+        kind == "auto" and numeric and any("." in x or "e" in x.lower() for x in distinct)
+    ):
+        if not numeric:
+            bad = next(x for x, f in zip(distinct, floats, strict=True) if f is None)
+            raise ValueError(f"regression needs numeric targets; got {bad!r}")
+        return "regression", []
+    if numeric and all(float(x).is_integer() for x in distinct):
+        distinct.sort(key=float)
+    if len(distinct) < 2:
+        raise ValueError(f"classification needs at least two distinct labels; got {distinct}")
+    return "classification", distinct
+
+
+@dataclass
+class TaskData:
+    """A task's train and dev examples, its kind, labels and the metrics it is scored by."""
+
+    name: str
+    train: list[Example]
+    dev: list[Example]
+    kind: str
+    labels: list[str]
+    metrics: tuple[str, ...]
+
+
+def load_glue(name: str, *, root: Path | None = None) -> TaskData:
+    """A GLUE task's train and dev sets from `<root>/<TASK>/{train,dev}.tsv` (root: `glue_dir()`)."""
+    key = {k.lower(): k for k in GLUE_TASKS}.get(name.lower())
+    if key is None:
+        raise ValueError(f"unknown GLUE task {name!r}; known: {', '.join(GLUE_TASKS)}")
+    task = GLUE_TASKS[key]
+    base = (root or glue_dir()) / key
+    if not base.is_dir():
+        raise FileNotFoundError(f"GLUE task directory {base} not found (set ADAPTERSERVE_GLUE_DIR)")
+    split = {}
+    for part in ("train", "dev"):
+        split[part] = read_examples(
+            base / f"{part}.tsv",
+            text_column=task.text,
+            text_pair_column=task.pair,
+            label_column=task.label,
+            header=task.header,
+        )
+    kind = "regression" if task.regression else "classification"
+    return TaskData(key, split["train"], split["dev"], kind, list(task.labels), task.metrics)
+
+
+# -- tokenization and batches ------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Token ids per example (no padding) and targets: class indices, or floats for regression."""
+
+    ids: list[list[int]]
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize(
+    tokenizer, examples: Sequence[Example], *, max_length: int, kind: str, labels: Sequence[str]
+) -> Dataset:
+    """Tokenize once (pairs truncated longest-first) and map labels to targets."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    has_pair = any(p is not None for p in pairs)
+    enc = tokenizer(
+        texts,
+        [p or "" for p in pairs] if has_pair else None,
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+    )
+    if kind == "regression":
+        targets = torch.tensor([float(e.label) for e in examples], dtype=torch.float32)
+    else:
+        index = {lab: i for i, lab in enumerate(labels)}
+        missing = next((e.label for e in examples if e.label not in index), None)
+        if missing is not None:
+            raise ValueError(f"label {missing!r} is not one of the task's labels {list(labels)}")
+        targets = torch.tensor([index[e.label] for e in examples], dtype=torch.long)
+    return Dataset(ids=list(enc["input_ids"]), targets=targets)
+
+
+class Batches:
+    """Seeded, length-bucketed mini-batches with dynamic padding.
+
+    Each epoch shuffles the examples, sorts them by length within windows of `bucket` batches
+    (so a batch pads little) and shuffles the batch order; all randomness comes from `generator`.
+    """
+
+    def __init__(self, data: Dataset, *, batch_size: int, pad_id: int, bucket: int = 50) -> None:
+        self.data, self.batch_size, self.pad_id, self.bucket = data, batch_size, pad_id, bucket
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def collate(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, their mask and the targets of the given examples."""
+        rows = [self.data.ids[i] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        return ids, mask, self.data.targets[list(idx)]
+
+    def epoch(self, generator: torch.Generator) -> list[list[int]]:
+        """One epoch's batches (lists of example indices)."""
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        window = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(self.data.ids[i]))
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in perm]
+
+    def ordered(self) -> list[list[int]]:
+        """Batches for evaluation: sorted by length (less padding), every example once."""
+        order = sorted(range(len(self.data)), key=lambda i: len(self.data.ids[i]))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        # a constant prediction has no correlation; GLUE would give NaN, 0 keeps tables sortable
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as scipy.stats.rankdata."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def compute_metrics(preds: np.ndarray, golds: np.ndarray, *, metrics: Sequence[str]) -> dict[str, float]:
+    """GLUE's metrics (accuracy, binary F1 of class 1, Matthews, Pearson, Spearman) plus `score`.
+
+    `score` is the task's one number, as the GLUE leaderboard averages it: the mean of the
+    task's metrics (MRPC: accuracy and F1; STS-B: Pearson and Spearman). Values are fractions.
+    """
+    preds, golds = np.asarray(preds), np.asarray(golds)
+    out: dict[str, float] = {}
+    for m in metrics:
+        if m == "accuracy":
+            out[m] = float((preds == golds).mean())
+        elif m == "f1":
+            tp = float(((preds == 1) & (golds == 1)).sum())
+            fp = float(((preds == 1) & (golds != 1)).sum())
+            fn = float(((preds != 1) & (golds == 1)).sum())
+            out[m] = 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+        elif m == "matthews":
+            tp = float(((preds == 1) & (golds == 1)).sum())
+            tn = float(((preds == 0) & (golds == 0)).sum())
+            fp = float(((preds == 1) & (golds == 0)).sum())
+            fn = float(((preds == 0) & (golds == 1)).sum())
+            den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+            out[m] = 0.0 if den == 0 else (tp * tn - fp * fn) / den
+        elif m == "pearson":
+            out[m] = _pearson(preds.astype(np.float64), golds.astype(np.float64))
+        elif m == "spearman":
+            out[m] = _pearson(_ranks(preds.astype(np.float64)), _ranks(golds.astype(np.float64)))
+        else:
+            raise ValueError(f"unknown metric {m!r}")
+    out["score"] = float(np.mean([out[m] for m in metrics]))
+    return out
+
+
+def baseline_metrics(train: Dataset, dev: Dataset, *, kind: str, metrics: Sequence[str]) -> dict[str, float]:
+    """The majority-class (classification) or mean-prediction (regression) baseline on dev."""
+    if kind == "regression":
+        preds = np.full(len(dev), float(train.targets.mean()))
+    else:
+        counts = np.bincount(train.targets.numpy())
+        preds = np.full(len(dev), int(counts.argmax()))
+    return compute_metrics(preds, dev.targets.numpy(), metrics=metrics)

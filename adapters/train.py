@@ -1,0 +1,742 @@
+"""Train one adapter (any method, with its head) on the frozen backbone, through the serving banks.
+
+    backbone = load_backbone(device="cpu")
+    result = train(backbone, load_glue("SST-2"), method="lora", options=TrainOptions(epochs=2))
+    write_artifact("out/sst2", result.config, result.tensors)
+
+The model is a two-slot MultiTaskModel: every step binds the trainable tensors to slot 1
+(`MultiTaskModel.bind`), so training runs the exact forward that serving runs and the written
+artifact needs no conversion. `method="full"` fine-tunes the whole backbone instead: a baseline to
+measure against, which writes no artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from adapters.backbone import Backbone
+from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
+from adapters.heads import decode_row
+from adapters.methods import get_method
+from adapters.methods.base import is_norm_tensor
+from adapters.methods.prefix import collapse_prefix_mlp
+from adapters.model import BankConfig, MultiTaskModel
+from store.artifact import expected_tensors, parse_config
+from store.safetensors_io import write_safetensors
+
+__all__ = [
+    "DEFAULT_LR",
+    "METHOD_DEFAULTS",
+    "TrainOptions",
+    "TrainResult",
+    "add_train_parser",
+    "build_config",
+    "evaluate",
+    "init_tensors",
+    "predict",
+    "run_train",
+    "train",
+    "write_artifact",
+]
+
+METHOD_DEFAULTS: dict[str, dict] = {
+    "bottleneck": {"bottleneck_dim": 32, "sites": ["attn", "ffn"], "activation": "relu"},
+    "parallel": {"bottleneck_dim": 64, "sites": ["ffn"], "scaling": 4.0},
+    "lora": {"r": 8, "alpha": 16.0, "targets": ["q", "v"]},
+    "ia3": {},
+    "layernorm": {},
+    "prefix": {"prefix_length": 16},
+    "mam": {"prefix_length": 16, "bottleneck_dim": 16, "scaling": 4.0},
+    "mh_parallel": {"bottleneck_dim": 4},
+    "compacter": {"bottleneck_dim": 48, "phm_dim": 4},
+    "tiny_attention": {"attention_dim": 8, "num_heads": 1},
+}
+"""Hyperparameters each method trains with unless overridden: Houlsby, scaled parallel (s=4), ..."""
+
+DEFAULT_LR: dict[str, float] = {
+    "full": 5e-5,
+    "bottleneck": 1e-3,
+    "parallel": 1e-3,
+    "lora": 1e-3,
+    "ia3": 5e-3,
+    "layernorm": 3e-3,
+    "prefix": 3e-3,
+    "mam": 1e-3,
+    "mh_parallel": 1e-3,
+    "compacter": 3e-3,
+    "tiny_attention": 1e-3,
+}
+"""Peak learning rate per method (adapters tolerate far larger steps than full fine-tuning)."""
+
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Budget and optimisation settings of one training run."""
+
+    epochs: float = 2.0
+    """Passes over the training examples (ignored when `steps` is set)."""
+    steps: int | None = None
+    """Optimizer steps in all, instead of epochs."""
+    batch_size: int = 32
+    lr: float | None = None
+    """Peak learning rate; None: the method's `DEFAULT_LR`."""
+    warmup: float = 0.06
+    """Fraction of the steps with a linear warm-up; the rest decays linearly to 0."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_train_examples: int | None = None
+    """Train on a seeded random subset of at most this many examples."""
+    max_dev_examples: int | None = None
+    max_length: int = 128
+    """Tokens per input (pairs truncated longest-first)."""
+    eval_every: int | None = None
+    """Evaluate on dev every this many steps; None: after every epoch."""
+    patience: int | None = None
+    """Stop after this many evaluations without a better dev score; None: never stop early."""
+    dropout: bool = True
+    """Keep the backbone's dropout active while training (as PEFT and AdapterHub do)."""
+    train_layernorm: bool = False
+    """Also train per-task LayerNorm overrides (as the reference Compacter/Hyperformer runs do)."""
+    pooling: str = "mean"
+    head_layers: int = 1
+    prefix_init: str = "tokens"
+    """Prefix start: 'tokens' (keys/values of real tokens, Li & Liang) or 'random' (small normal)."""
+    prefix_mlp: int = 0
+    """Hidden width of the prefix MLP reparameterisation (0: train the prefixes directly)."""
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the artifact (config + tensors; None for `full`) and its numbers."""
+
+    method: str
+    config: object | None
+    tensors: dict[str, torch.Tensor] | None
+    dev: dict[str, float]
+    baseline: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    backbone_params: int = 0
+    steps: int = 0
+    train_examples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def trainable_percent(self) -> float:
+        """Trained parameters (adapter + head) as a percentage of the backbone's."""
+        return 100.0 * self.trainable_params / max(self.backbone_params, 1)
+
+
+def build_config(
+    method: str,
+    backbone: Backbone,
+    *,
+    kind: str,
+    labels: list[str],
+    hyper: dict | None = None,
+    options: TrainOptions | None = None,
+    metadata: dict | None = None,
+):
+    """The artifact config of a method: its defaults, then `hyper`, then head and LayerNorm settings."""
+    opts = options or TrainOptions()
+    head = {"type": kind, "labels": labels if kind != "regression" else [], "pooling": opts.pooling}
+    head["layers"] = opts.head_layers
+    raw = {"method": "layernorm", "layernorm": False} if method == FULL else dict(METHOD_DEFAULTS[method])
+    if method != FULL:
+        raw |= {"method": method, **(hyper or {}), "layernorm": opts.train_layernorm or method == "layernorm"}
+    raw |= {"head": head, "backbone_fingerprint": backbone.spec.fingerprint, "metadata": metadata or {}}
+    return parse_config(raw)
+
+
+def _bank_config(config) -> BankConfig:
+    """Two slots, each bank exactly as large as this adapter (padding would only cost time)."""
+    m = config.method
+    kw: dict = {
+        "slots": 2,
+        "lora_max_rank": 0,
+        "ia3": m == "ia3",
+        "bottleneck_max_dim": 0,
+        "prefix_max_len": 0,
+        "layernorm": bool(config.layernorm),
+        "mh_parallel_max_dim": 0,
+        "tiny_max_dim": 0,
+        "head_max_outputs": max(config.head.num_outputs, 1),
+        "head_two_layer": config.head.layers == 2,
+        "bottleneck_post_norm": getattr(config, "placement", "output") == "post_norm",
+    }
+    if m == "lora":
+        kw["lora_max_rank"] = max([config.r, *config.rank_pattern.values()])
+        kw["lora_targets"] = tuple(config.targets)
+    if m in ("bottleneck", "parallel", "mam", "compacter"):
+        kw["bottleneck_max_dim"] = config.bottleneck_dim
+    if m in ("prefix", "mam"):
+        kw["prefix_max_len"] = config.prefix_length
+    if m == "mh_parallel":
+        kw["mh_parallel_max_dim"] = config.bottleneck_dim
+    if m == "tiny_attention":
+        kw["tiny_max_dim"], kw["tiny_max_heads"] = config.attention_dim, config.num_heads
+    known = {f.name for f in dataclasses.fields(BankConfig)}
+    return BankConfig(**{k: v for k, v in kw.items() if k in known})
+
+
+def _base_norms(backbone: Backbone, names: list[str]) -> dict[str, torch.Tensor]:
+    """The backbone's own LayerNorm parameters under their artifact names."""
+    arch, core = backbone.arch, backbone.core
+    out = {}
+    for name in names:
+        stack, layer, site, param = name.split(".")
+        module = core.get_submodule(f"{arch.stacks[stack]}.{layer}.{arch.layer[stack][site]}")
+        module = getattr(module, "base", module)
+        out[name] = getattr(module, param).detach().float().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def _token_prefixes(
+    model: MultiTaskModel, length: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Keys and values the backbone computes for `length` random vocabulary tokens, per layer."""
+    bb = model.backbone
+    arch, core, spec = bb.arch, bb.core, bb.spec
+    ids = torch.randint(1000, spec.vocab_size, (1, length), generator=generator)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for stack, path in arch.stacks.items():
+        if stack != "encoder":
+            continue
+        for i, layer in enumerate(core.get_submodule(path)):
+            for proj in ("k", "v"):
+                name = f"encoder.{i}.attn.prefix.{'key' if proj == 'k' else 'value'}"
+
+                def hook(_m, _inp, out, name=name):
+                    captured[name] = out[0].detach().float().cpu().clone()
+
+                hooks.append(layer.get_submodule(arch.layer[stack][proj]).register_forward_hook(hook))
+    try:
+        core(input_ids=ids.to(bb.device), attention_mask=torch.ones_like(ids, device=bb.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def init_tensors(
+    config,
+    model: MultiTaskModel,
+    *,
+    generator: torch.Generator,
+    options: TrainOptions,
+    target_mean: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Starting tensors: the method's `init`, the backbone's own norms, a small random head."""
+    shapes = expected_tensors(config, model.spec)
+    head = {k: s for k, s in shapes.items() if k.startswith("head.")}
+    adapter = {k: s for k, s in shapes.items() if k not in head}
+    out = get_method(config.method).init(adapter, generator=generator)
+    out |= _base_norms(model.backbone, [k for k in adapter if is_norm_tensor(k)])
+    if config.method in ("prefix", "mam") and options.prefix_init == "tokens" and model.spec.num_layers:
+        out |= {k: v for k, v in _token_prefixes(model, config.prefix_length, generator).items() if k in out}
+    for k, s in head.items():
+        out[k] = torch.randn(s, generator=generator) * 0.02 if k.endswith("weight") else torch.zeros(s)
+    if config.head.type == "regression":
+        out["head.out.bias"] = torch.full(head["head.out.bias"], target_mean)
+    return {k: v.float() for k, v in out.items()}
+
+
+class _PrefixMLP(nn.Module):
+    """Li & Liang's reparameterisation: prefixes = MLP(embedding), collapsed away after training."""
+
+    def __init__(self, *, length: int, hidden: int, mid: int, layers: int, inner: int, generator) -> None:
+        super().__init__()
+        self.layers, self.inner = layers, inner
+        self.embedding = nn.Parameter(torch.randn(length, hidden, generator=generator))
+        self.mlp = nn.Sequential(nn.Linear(hidden, mid), nn.Tanh(), nn.Linear(mid, layers * 2 * inner))
+        for lin in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02, generator=generator)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Per-layer prefix tensors under their artifact names."""
+        flat = self.mlp(self.embedding).view(self.embedding.shape[0], self.layers, 2, self.inner)
+        return {
+            f"encoder.{i}.attn.prefix.{kv}": flat[:, i, j]
+            for i in range(self.layers)
+            for j, kv in enumerate(("key", "value"))
+        }
+
+    def collapse(self) -> dict[str, torch.Tensor]:
+        """The prefixes the MLP computes, once (serving needs nothing else)."""
+        flat = collapse_prefix_mlp(self.embedding, self.mlp, num_layers=self.layers, inner=self.inner)
+        return {f"encoder.{k.replace('.', '.attn.prefix.', 1)}": v.clone() for k, v in flat.items()}
+
+
+def _head_logits(out, config) -> torch.Tensor:
+    return out.logits[:, : config.head.num_outputs]
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "regression":
+        return F.mse_loss(logits[:, 0], targets)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def _logits(
+    model: MultiTaskModel, config, tensors: dict[str, torch.Tensor], batches: Batches
+) -> torch.Tensor:
+    """Eval-mode head logits of every example, in dataset order."""
+    was = model.backbone.model.training
+    model.backbone.model.eval()
+    try:
+        model.bind(config, tensors)
+        out = torch.zeros(len(batches.data), config.head.num_outputs)
+        for idx in batches.ordered():
+            ids, mask, _ = batches.collate(idx)
+            dev = model.backbone.device
+            res = model.train_forward(ids.to(dev), mask.to(dev))
+            out[idx] = _head_logits(res, config).float().cpu()
+        return out
+    finally:
+        model.backbone.model.train(was)
+
+
+def evaluate(
+    model: MultiTaskModel, config, tensors: dict[str, torch.Tensor], dev: Batches, *, metrics
+) -> dict[str, float]:
+    """Dev metrics of an adapter (the task's metrics plus `score`, their mean)."""
+    logits = _logits(model, config, tensors, dev)
+    preds = logits[:, 0] if config.head.type == "regression" else logits.argmax(-1)
+    return compute_metrics(preds.numpy(), dev.data.targets.numpy(), metrics=metrics)
+
+
+def predict(
+    model: MultiTaskModel, config, tensors: dict[str, torch.Tensor], data: Dataset, *, batch_size: int = 32
+) -> list[dict]:
+    """The trainer's own predictions, decoded as the API decodes them (label + score, or value)."""
+    pad = model.backbone.tokenizer.pad_token_id if model.backbone.tokenizer is not None else 0
+    logits = _logits(model, config, tensors, Batches(data, batch_size=batch_size, pad_id=pad))
+    return [decode_row(row, kind=config.head.type, labels=config.head.labels) for row in logits]
+
+
+def _subset(examples: list, limit: int | None, generator: torch.Generator) -> list:
+    if limit is None or limit >= len(examples):
+        return examples
+    idx = torch.randperm(len(examples), generator=generator)[:limit].sort().values.tolist()
+    return [examples[i] for i in idx]
+
+
+def _schedule(step: int, *, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(
+    backbone: Backbone,
+    task: TaskData,
+    *,
+    method: str,
+    hyper: dict | None = None,
+    options: TrainOptions | None = None,
+) -> TrainResult:
+    """Train one adapter (or, for `full`, the whole backbone) and return the best dev checkpoint."""
+    opts = options or TrainOptions()
+    if method != FULL:
+        get_method(method)
+    started = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    g = torch.Generator().manual_seed(opts.seed)
+    tok = backbone.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_ex = _subset(task.train, opts.max_train_examples, g)
+    dev_ex = _subset(task.dev, opts.max_dev_examples, g)
+    enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
+    train_data, dev_data = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
+    target_mean = float(train_data.targets.float().mean()) if task.kind == "regression" else 0.0
+    config = build_config(method, backbone, kind=task.kind, labels=task.labels, hyper=hyper, options=opts)
+    # tiny attention trains its heads apart; `deploy` decides how they are served (and evaluated)
+    fit_config = config
+    if config.method == "tiny_attention":
+        fit_config = config.model_copy(update={"deploy": "multihead"})
+    model = MultiTaskModel(backbone, banks=_bank_config(fit_config))
+    tensors = {
+        k: nn.Parameter(v.to(backbone.device, backbone.dtype))
+        for k, v in init_tensors(config, model, generator=g, options=opts, target_mean=target_mean).items()
+    }
+    params: list[nn.Parameter] = list(tensors.values())
+    reparam = None
+    if opts.prefix_mlp and config.method in ("prefix", "mam"):
+        spec = backbone.spec
+        reparam = _PrefixMLP(
+            length=config.prefix_length,
+            hidden=spec.hidden_size,
+            mid=opts.prefix_mlp,
+            layers=spec.num_layers,
+            inner=spec.inner_dim,
+            generator=g,
+        ).to(backbone.device, backbone.dtype)
+        for k in list(tensors):
+            if ".prefix." in k:
+                del tensors[k]
+        params = list(tensors.values()) + list(reparam.parameters())
+    if method == FULL:
+        for p in backbone.model.parameters():
+            p.requires_grad_(True)
+        params += list(backbone.model.parameters())
+    lr = opts.lr or DEFAULT_LR[method]
+    decay = opts.weight_decay if opts.weight_decay else (0.01 if method == FULL else 0.0)
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    batches = Batches(train_data, batch_size=opts.batch_size, pad_id=pad)
+    dev = Batches(dev_data, batch_size=64, pad_id=pad)
+    total = opts.steps or max(1, math.ceil(opts.epochs * len(batches)))
+    warmup = max(1, int(opts.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total=total, warmup=warmup))
+    eval_every = opts.eval_every or len(batches)
+
+    def current() -> dict[str, torch.Tensor]:
+        return tensors | reparam() if reparam is not None else tensors
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        final = dict(tensors) | (reparam.collapse() if reparam is not None else {})
+        return {k: v.detach().float().cpu().clone() for k, v in final.items()}
+
+    best: dict | None = None
+    best_tensors: dict[str, torch.Tensor] | None = None
+    history: list[dict] = []
+    stale = 0
+    step = 0
+    ema = None
+    backbone.model.train(opts.dropout)
+    bar = tqdm(total=total, desc=f"{task.name} {method}", unit="step", disable=not opts.progress, leave=False)
+    try:
+        while step < total:
+            for idx in batches.epoch(g):
+                ids, mask, y = batches.collate(idx)
+                dev_ = backbone.device
+                model.bind(fit_config, current())
+                logits = _head_logits(model.train_forward(ids.to(dev_), mask.to(dev_)), config)
+                loss = _loss(logits.float(), y.to(dev_), task.kind)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.max_grad_norm:
+                    nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                optim.step()
+                sched.step()
+                step += 1
+                ema = float(loss) if ema is None else 0.9 * ema + 0.1 * float(loss)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{ema:.4f}",
+                    lr=f"{sched.get_last_lr()[0]:.2e}",
+                    ex_s=f"{bar.format_dict['rate'] * len(idx):.0f}" if bar.format_dict.get("rate") else "-",
+                )
+                if len(dev_data) and (step % eval_every == 0 or step == total):
+                    scores = evaluate(model, fit_config, current(), dev, metrics=task.metrics)
+                    history.append({"step": step, "loss": ema, **scores})
+                    if best is None or scores["score"] > best["score"]:
+                        best, stale = scores, 0
+                        best_tensors = snapshot() if method != FULL else None
+                    else:
+                        stale += 1
+                    bar.set_description(f"{task.name} {method} dev {scores['score']:.4f}")
+                    if opts.patience is not None and stale >= opts.patience:
+                        total = step
+                if step >= total:
+                    break
+    finally:
+        bar.close()
+        backbone.model.eval()
+        if method == FULL:
+            for p in backbone.model.parameters():
+                p.requires_grad_(False)
+    base = (
+        baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics) if len(dev_data) else {}
+    )
+    n_backbone = sum(p.numel() for p in backbone.model.parameters())
+    result = TrainResult(
+        method=method,
+        config=None,
+        tensors=None,
+        dev=best or {},
+        baseline=base,
+        history=history,
+        backbone_params=n_backbone,
+        steps=step,
+        train_examples=len(train_data),
+    )
+    if method == FULL:
+        head = sum(v.numel() for v in tensors.values())
+        result.trainable_params = n_backbone + head
+    else:
+        final = best_tensors if best_tensors is not None else snapshot()
+        served = evaluate(model, config, final, dev, metrics=task.metrics) if len(dev_data) else {}
+        meta = _metadata(task, method=method, opts=opts, lr=lr, steps=step, n=len(train_data), dev=served)
+        result.config = config.model_copy(update={"metadata": meta})
+        result.tensors = final
+        result.dev = served
+        result.trainable_params = sum(v.numel() for v in final.values())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _metadata(task: TaskData, *, method: str, opts: TrainOptions, lr: float, steps: int, n: int, dev: dict):
+    meta: dict = {
+        "task": task.name,
+        "trained_with": "adapterserve train",
+        "train_examples": n,
+        "steps": steps,
+        "batch_size": opts.batch_size,
+        "learning_rate": lr,
+        "max_length": opts.max_length,
+        "seed": opts.seed,
+    }
+    if dev:
+        meta["dev_metric"] = "+".join(task.metrics)
+        meta |= {f"dev_{k}": round(v, 6) for k, v in dev.items()}
+    return meta
+
+
+def write_artifact(directory: str | Path, config, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `adapter_config.json` and `adapter.safetensors` (float32) into a directory."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
+    tmp = out / ".adapter.safetensors.tmp"
+    write_safetensors(tmp, arrays)
+    tmp.replace(out / "adapter.safetensors")
+    text = json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
+    tmp = out / ".adapter_config.json.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out / "adapter_config.json")
+    return out
+
+
+def upload(directory: str | Path, *, url: str, task: str, key: str | None = None) -> dict:
+    """POST an artifact directory to a server as a new version of `task`; returns the server's answer."""
+    import httpx
+
+    d = Path(directory)
+    target = url.rstrip("/")
+    if "/v1/adapters/" not in target:
+        target = f"{target}/v1/adapters/{task}"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with open(d / "adapter.safetensors", "rb") as weights:
+        files = {
+            "config": ("adapter_config.json", (d / "adapter_config.json").read_bytes(), "application/json"),
+            "weights": ("adapter.safetensors", weights, "application/octet-stream"),
+        }
+        resp = httpx.post(target, files=files, headers=headers, timeout=120.0)
+    if not resp.is_success:
+        raise RuntimeError(f"upload to {target} failed: {resp.status_code} {resp.text[:300]}")
+    return resp.json()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _hyper(args: argparse.Namespace) -> dict:
+    hyper = {}
+    for item in args.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hp expects KEY=VALUE, got {item!r}")
+        hyper[key.strip()] = _value(value)
+    shortcuts = {
+        "r": args.rank,
+        "alpha": args.alpha,
+        "bottleneck_dim": args.bottleneck_dim,
+        "prefix_length": args.prefix_length,
+        "targets": args.targets,
+        "sites": args.sites,
+    }
+    hyper |= {k: v for k, v in shortcuts.items() if v is not None}
+    return hyper
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `train` subcommand on an argparse subparsers object."""
+    from adapters.methods import METHODS
+
+    p = subparsers.add_parser(
+        "train",
+        help="train one adapter (any method, with its head) on the frozen backbone",
+        description="Train one adapter on the frozen backbone from a CSV/TSV/JSONL file or a GLUE task; "
+        "write a native artifact and optionally upload it.",
+    )
+    data = p.add_argument_group("data")
+    src = data.add_mutually_exclusive_group(required=True)
+    src.add_argument("--glue", metavar="TASK", help="a GLUE task by name (SST-2, MRPC, CoLA, RTE, STS-B)")
+    src.add_argument("--train-file", type=Path, help="training examples (.csv, .tsv or .jsonl)")
+    data.add_argument("--dev-file", type=Path, help="dev examples, for evaluation and early stopping")
+    data.add_argument("--glue-dir", type=Path, help="GLUE directory (default: $ADAPTERSERVE_GLUE_DIR)")
+    data.add_argument("--text-column", default="text", help="column (or 0-based index) of the text")
+    data.add_argument("--text-pair-column", help="column of the second text of a pair")
+    data.add_argument("--label-column", default="label", help="column of the label or target")
+    data.add_argument("--no-header", action="store_true", help="the CSV/TSV files have no header row")
+    data.add_argument(
+        "--task-type",
+        choices=("auto", "classification", "regression"),
+        default="auto",
+        help="auto: regression when the targets are floats",
+    )
+    m = p.add_argument_group("method")
+    m.add_argument(
+        "--method", required=True, choices=[*sorted(METHODS), FULL], help="adapter method, or 'full'"
+    )
+    m.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a method hyperparameter (JSON value)")
+    m.add_argument("--rank", type=int, help="LoRA rank r")
+    m.add_argument("--alpha", type=float, help="LoRA alpha")
+    m.add_argument("--bottleneck-dim", type=int, help="bottleneck width (adapters, Compacter)")
+    m.add_argument("--prefix-length", type=int, help="prefix length (prefix, MAM)")
+    m.add_argument("--targets", nargs="+", help="LoRA/IA3 target projections")
+    m.add_argument("--sites", nargs="+", help="sublayers of bottleneck/parallel adapters")
+    m.add_argument("--train-layernorm", action="store_true", help="also train per-task LayerNorm overrides")
+    m.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
+    m.add_argument("--head-layers", type=int, choices=(1, 2), default=1)
+    m.add_argument("--prefix-mlp", type=int, default=0, help="prefix MLP reparameterisation width (0: off)")
+    t = p.add_argument_group("budget")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
+    t.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-train-examples", type=int, help="train on a seeded random subset")
+    t.add_argument("--max-dev-examples", type=int)
+    t.add_argument("--max-length", type=int, default=128, help="tokens per input")
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument("--no-dropout", action="store_true", help="train with the backbone's dropout off")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, help="artifact directory to write")
+    o.add_argument("--task", help="task name (metadata; the upload's task)")
+    o.add_argument("--upload", metavar="URL", help="upload the artifact to this server")
+    o.add_argument("--key", help="admin key for --upload (default: $ADAPTERSERVE_KEY)")
+    o.add_argument("--backbone", help="backbone directory (default: $ADAPTERSERVE_BACKBONE or MiniLM-L6)")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _task_data(args: argparse.Namespace) -> TaskData:
+    from adapters.data import infer_task, load_glue, read_examples
+
+    if args.glue:
+        return load_glue(args.glue, root=args.glue_dir)
+    cols = {
+        "text_column": args.text_column,
+        "text_pair_column": args.text_pair_column,
+        "label_column": args.label_column,
+        "header": not args.no_header,
+    }
+    train_ex = read_examples(args.train_file, **cols)
+    dev_ex = read_examples(args.dev_file, **cols) if args.dev_file else []
+    kind, labels = infer_task([e.label for e in train_ex], kind=args.task_type)
+    metrics = ("pearson", "spearman") if kind == "regression" else ("accuracy",)
+    if kind != "regression" and len(labels) == 2:
+        metrics = ("accuracy", "f1", "matthews")
+    name = args.task or args.train_file.stem
+    return TaskData(name, train_ex, dev_ex, kind, labels, metrics)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry of `adapterserve train`: train, report, write the artifact, optionally upload it."""
+    import os
+
+    from adapters.backbone import load_backbone
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method != FULL and not args.out and not args.upload:
+        print("adapterserve train: give --out DIR (and/or --upload URL) for the artifact", file=sys.stderr)
+        return 2
+    try:
+        task = _task_data(args)
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve train: {exc}", file=sys.stderr)
+        return 2
+    backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
+    opts = TrainOptions(
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_train_examples=args.max_train_examples,
+        max_dev_examples=args.max_dev_examples,
+        max_length=args.max_length,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        dropout=not args.no_dropout,
+        train_layernorm=args.train_layernorm,
+        pooling=args.pooling,
+        head_layers=args.head_layers,
+        prefix_mlp=args.prefix_mlp,
+        progress=not args.no_progress,
+    )
+    result = train(backbone, task, method=args.method, hyper=_hyper(args), options=opts)
+    report = {
+        "task": task.name,
+        "method": args.method,
+        "dev": result.dev,
+        "baseline": result.baseline,
+        "trainable_params": result.trainable_params,
+        "trainable_percent": round(result.trainable_percent, 4),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+    }
+    if result.config is not None:
+        out = args.out
+        if out is None:
+            import tempfile
+
+            out = Path(tempfile.mkdtemp(prefix="adapterserve-train-"))
+        write_artifact(out, result.config, result.tensors)
+        report["artifact"] = str(out)
+        if args.upload:
+            name = args.task or task.name.lower().replace("_", "-")
+            report["upload"] = upload(
+                out, url=args.upload, task=name, key=args.key or os.environ.get("ADAPTERSERVE_KEY")
+            )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adapters.train ...`: the same as `adapterserve train ...`."""
+    parser = argparse.ArgumentParser(prog="adapterserve")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
