@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import (
+from api_support import (
     ADMIN,
     API,
     Reference,
@@ -672,7 +672,7 @@ async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, art
 
 
 async def test_generative_backbone_returns_generated_text(running, artifacts):
-    from conftest import reference_generation, tiny_gpt2_backbone
+    from api_support import reference_generation, tiny_gpt2_backbone
 
     async with running(backbone=tiny_gpt2_backbone(), max_new_tokens=6) as (app, client):
         spec = app.state.service.backbone.spec

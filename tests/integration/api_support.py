@@ -1,0 +1,212 @@
+"""Helpers of the API tests: a tiny in-process BERT (and GPT-2) backbone, artifacts, expected outputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from adapters.backbone import Backbone
+from adapters.heads import decode_row
+from adapters.model import BankConfig, MultiTaskModel
+from store.artifact import expected_tensors, parse_config
+from store.safetensors_io import write_safetensors
+
+ADMIN = "admin-key-0123456789abcdef"
+API = "api-key-0123456789abcdef"
+# fmt: off
+WORDS = [
+    "the", "a", "an", "movie", "film", "plot", "actor", "actress", "good", "bad", "great", "awful", "boring",
+    "fun", "is", "was", "not", "very", "really", "and", "but", "story", "music", "scene", "ending", "long",
+    "short", "loved", "hated", "it", "this", "that", "i", "you",
+]
+# fmt: on
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + WORDS
+
+
+def tiny_tokenizer() -> BertTokenizerFast:
+    """A word-level BERT tokenizer over a small fixed vocabulary."""
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)})
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    """BERT with hidden 32, 2 layers, 4 heads; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    """A fresh tiny backbone (each MultiTaskModel changes its backbone's module tree, so one each)."""
+    return Backbone.from_model(tiny_bert(seed), tokenizer=tiny_tokenizer(), name="tiny-bert")
+
+
+HEADS = {
+    "classification": {"type": "classification", "labels": ["negative", "positive"]},
+    "three": {"type": "classification", "labels": ["a", "b", "c"]},
+    "regression": {"type": "regression"},
+}
+HYPER = {
+    "lora": {"r": 4, "alpha": 8.0},
+    "bottleneck": {"bottleneck_dim": 8},
+    "parallel": {"bottleneck_dim": 8, "scaling": 4.0},
+    "ia3": {},
+    "layernorm": {},
+}
+
+
+def artifact_config(method: str, fingerprint: str, *, head: str = "classification", **overrides) -> dict:
+    """An adapter_config.json for a method, with small hyperparameters."""
+    cfg = {"method": method, "backbone_fingerprint": fingerprint, **HYPER[method], "head": HEADS[head]}
+    cfg.update(overrides)
+    return cfg
+
+
+def random_arrays(config: dict, spec, *, seed: int, scale: float = 0.5) -> dict[str, np.ndarray]:
+    """Random float32 tensors with exactly the names and shapes the config implies."""
+    rng = np.random.default_rng(seed)
+    shapes = expected_tensors(parse_config(config), spec)
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+
+
+def write_artifact(directory: Path, config: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write an artifact directory (adapter_config.json + adapter.safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    write_safetensors(directory / "adapter.safetensors", arrays)
+    return directory
+
+
+def make_artifact(
+    root: Path, name: str, method: str, spec, *, seed: int, head: str = "classification"
+) -> Path:
+    """A random artifact of a method for the backbone `spec`."""
+    config = artifact_config(method, spec.fingerprint, head=head)
+    return write_artifact(root / name, config, random_arrays(config, spec, seed=seed))
+
+
+def multipart(directory: Path) -> dict:
+    """httpx `files=` for an artifact directory."""
+    return {
+        "config": (
+            "adapter_config.json",
+            (directory / "adapter_config.json").read_bytes(),
+            "application/json",
+        ),
+        "weights": (
+            "adapter.safetensors",
+            (directory / "adapter.safetensors").read_bytes(),
+            "application/octet-stream",
+        ),
+    }
+
+
+class Reference:
+    """In-process expected outputs: one adapter on a fresh backbone, one input at a time, no batching."""
+
+    def __init__(self, make_backbone: Callable[[], Backbone]) -> None:
+        self.model = MultiTaskModel(make_backbone(), banks=BankConfig(slots=2))
+        self.tok = self.model.backbone.tokenizer
+
+    def outputs(
+        self, directory: Path, inputs: list, *, all_scores: bool = False, max_len: int = 256
+    ) -> list[dict]:
+        """What the server should answer for `inputs` with the artifact in `directory`."""
+        from store.safetensors_io import SafetensorsLimits, load_arrays
+
+        config = parse_config((directory / "adapter_config.json").read_bytes())
+        arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
+        self.model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+        out = []
+        for x in inputs:
+            enc = (
+                self.tok(x, truncation=True, max_length=max_len, return_tensors="pt")
+                if isinstance(x, str)
+                else (self.tok(x[0], x[1], truncation=True, max_length=max_len, return_tensors="pt"))
+            )
+            extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
+            head = self.model.classify(enc["input_ids"], enc["attention_mask"], [1], **extra)
+            out.append(
+                decode_row(
+                    head.logits[0],
+                    kind=config.head.type,
+                    labels=list(config.head.labels),
+                    all_scores=all_scores,
+                )
+            )
+        return out
+
+
+def assert_outputs_close(got: list[dict], want: list[dict], *, tol: float = 1e-4) -> None:
+    """Labels equal; scores and values equal within `tol` (batching pads, which moves the last bits)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.get("label") == w.get("label")
+        for field in ("score", "value"):
+            if field in w:
+                assert abs(g[field] - w[field]) < tol, (field, g, w)
+        if "scores" in w:
+            assert g["scores"].keys() == w["scores"].keys()
+            assert list(g["scores"]) == list(w["scores"])
+            for k in w["scores"]:
+                assert abs(g["scores"][k] - w["scores"][k]) < tol
+
+
+def admin(key: str = ADMIN) -> dict:
+    """Authorization header of a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+GEN_WORDS = ["<pad>", "<unk>", "<eos>", *WORDS]
+
+
+def tiny_gpt2_backbone(seed: int = 0) -> Backbone:
+    """A decoder-only GPT-2 (hidden 32, 2 layers) with a word-level tokenizer, for generation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(GEN_WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(GEN_WORDS),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return Backbone.from_model(GPT2LMHeadModel(cfg).eval(), tokenizer=tok, name="tiny-gpt2")
+
+
+def reference_generation(directory: Path, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """Greedy generation of each prompt alone with the artifact in `directory`, on a fresh tiny GPT-2."""
+    from store.safetensors_io import SafetensorsLimits, load_arrays
+
+    model = MultiTaskModel(tiny_gpt2_backbone(), banks=BankConfig(slots=2))
+    config = parse_config((directory / "adapter_config.json").read_bytes())
+    arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
+    model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+    tok = model.backbone.tokenizer
+    out = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        new = model.generate(enc["input_ids"], enc["attention_mask"], [1], max_new_tokens=max_new_tokens)
+        out.append(tok.decode(new[0].tolist(), skip_special_tokens=True))
+    return out
