@@ -194,8 +194,8 @@ def assert_same(a: dict, b: dict, *, tol: float = 0.0, what: str = "outputs") ->
         assert diff <= tol, f"{what}: {name} differs by {diff:.3g}"
 
 
-class ContractMixin:
-    """Checks every (method config, family) row must pass; the subclass supplies the rows."""
+class _Fixtures:
+    """The model, batch and parsed config of one (method config, family) row."""
 
     lengths = (6, 3, 7, 5)
 
@@ -213,6 +213,31 @@ class ContractMixin:
     def cfg(self, case: Case, family: str, model: MultiTaskModel):
         """The case's parsed config for this backbone."""
         return config_for(raw_config(case, family), model.spec)
+
+
+class NoOpMixin(_Fixtures):
+    """The check of methods that have a no-op form (prefix tuning and MAM have none: any prefix attends)."""
+
+    def test_no_op_adapter_equals_backbone(self, case, family, model, batch, cfg):
+        """The method's identity tensors (base norms, zero updates) give the plain backbone's outputs."""
+        ref = reference_outputs(build_hf(family), family, batch)
+        tensors = identity_tensors(cfg, model.backbone, seed=4)
+        model.load(1, cfg, tensors)
+        for slots in ([1, 1, 1, 1], [1, 0, 1, 0]):
+            out = model_outputs(model, batch, slots)
+            for name in ("hidden", "lm"):
+                if name in out:
+                    diff = max_diff(out[name], ref[name])
+                    assert diff <= CLOSE, f"{name} with slots {slots}: no-op adapter differs by {diff:.3g}"
+            if "head" in out:
+                want = head_logits(cfg.head, tensors, ref, batch.attention_mask, out["head"].shape[1])
+                rows = [i for i, s in enumerate(slots) if s == 1]
+                diff = max_diff(out["head"][rows], want[rows])
+                assert diff <= CLOSE, f"head logits differ from the hand-computed head by {diff:.3g}"
+
+
+class ContractMixin(_Fixtures):
+    """Checks every (method config, family) row must pass; the subclass supplies the rows."""
 
     def test_round_trip(self, case, family, model, batch, cfg, tmp_path):
         """Tensors and config written to disk and read back load to identical outputs."""
@@ -232,25 +257,6 @@ class ContractMixin:
         # Slots 1 and 2 hold the same adapter, so swapping them in a mixed batch changes nothing.
         mixed = model_outputs(model, batch, [1, 2, 2, 1])
         assert_same(mixed, model_outputs(model, batch, [2, 1, 1, 2]), tol=EXACT, what="swapped slots")
-
-    def test_no_op_adapter_equals_backbone(self, case, family, model, batch, cfg):
-        """The method's identity tensors (base norms, zero updates) give the plain backbone's outputs."""
-        if not case.no_op:
-            pytest.skip(f"{case.config['method']} has no no-op form")
-        ref = reference_outputs(build_hf(family), family, batch)
-        tensors = identity_tensors(cfg, model.backbone, seed=4)
-        model.load(1, cfg, tensors)
-        for slots in ([1, 1, 1, 1], [1, 0, 1, 0]):
-            out = model_outputs(model, batch, slots)
-            for name in ("hidden", "lm"):
-                if name in out:
-                    diff = max_diff(out[name], ref[name])
-                    assert diff <= CLOSE, f"{name} with slots {slots}: no-op adapter differs by {diff:.3g}"
-            if "head" in out:
-                want = head_logits(cfg.head, tensors, ref, batch.attention_mask, out["head"].shape[1])
-                rows = [i for i, s in enumerate(slots) if s == 1]
-                diff = max_diff(out["head"][rows], want[rows])
-                assert diff <= CLOSE, f"head logits differ from the hand-computed head by {diff:.3g}"
 
     def test_adapter_changes_outputs(self, case, family, model, batch, cfg):
         """A random adapter moves the backbone's outputs (so the equality checks can fail)."""
@@ -316,6 +322,14 @@ class ContractMixin:
 )
 class TestContract(ContractMixin):
     """Every row of CASES, on every family it lists."""
+
+
+@pytest.mark.parametrize(
+    ("case", "family"),
+    [pytest.param(c, f, id=f"{c.id}-{f}") for c in CASES if c.no_op for f in c.families],
+)
+class TestNoOp(NoOpMixin):
+    """Every row of CASES whose method has a no-op form."""
 
 
 @pytest.mark.parametrize("family", ALL)
