@@ -153,7 +153,17 @@ def _routes(app: FastAPI) -> None:
     # -- management -----------------------------------------------------------------------------
 
     @app.post("/v1/adapters/{task}", status_code=201, tags=["adapters"], dependencies=_ADMIN)
-    async def upload(task: str, request: Request, activate: bool = Query(default=True)) -> UploadResult:
+    async def upload(
+        task: str,
+        request: Request,
+        activate: bool = Query(default=True),
+        version: int | None = Query(
+            default=None,
+            ge=1,
+            le=999_999_999,
+            description="Store as exactly this version number; 409 if the task already has it.",
+        ),
+    ) -> UploadResult:
         """Upload a version (multipart: `config` JSON, `weights` safetensors); current unless activate=false."""
         svc = _svc(request)
         result = "error"
@@ -166,7 +176,11 @@ def _routes(app: FastAPI) -> None:
                 )
                 try:
                     info, adapter, current = await svc.registry.upload(
-                        task, config_bytes=up.config, weights_path=up.weights_path, activate=activate
+                        task,
+                        config_bytes=up.config,
+                        weights_path=up.weights_path,
+                        activate=activate,
+                        version=version,
                     )
                 finally:
                     up.remove()
