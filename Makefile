@@ -4,13 +4,9 @@ BIN := $(VENV)/bin
 
 .PHONY: install serve test bench lint format
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-
-install: $(BIN)/python
-	# the CPU build of torch first, so nothing below pulls a CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+install:
+	# the same install steps as the Dockerfile: CPU torch first, then the project with its test extra
+	PYTHON=$(PY) scripts/install.sh $(VENV) --test --editable
 
 serve: install
 	HF_HUB_OFFLINE=1 $(BIN)/adapterserve serve

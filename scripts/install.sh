@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install adapterserve into a virtual environment: torch first, then the project.
+#
+# The one install procedure: `make install` (and so CI) and the Dockerfile both run it.
+#
+#   scripts/install.sh VENV [--test] [--editable]
+#
+#   VENV        virtual environment to install into (created with $PYTHON when missing)
+#   --test      also install the test extra (pytest, peft, ruff, ...)
+#   --editable  install the project in development mode (`pip install -e`)
+#
+# Environment:
+#   PYTHON           interpreter that creates VENV (default: python3)
+#   TORCH_INDEX_URL  index that torch is installed from, e.g. the PyTorch CPU or CUDA wheel index;
+#                    empty: pip's configured indexes (which must then provide the build wanted)
+#   PIP_*            pip's own settings (PIP_NO_CACHE_DIR=1 keeps images small)
+set -euo pipefail
+
+TORCH_VERSION=2.13.0  # keep equal to the pin in pyproject.toml (tests/unit/test_deploy.py checks)
+
+usage() { echo "usage: $0 VENV [--test] [--editable]" >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+venv=$1
+shift
+extra=""
+mode=()
+for arg in "$@"; do
+  case $arg in
+    --test) extra="[test]" ;;
+    --editable) mode=(-e) ;;
+    *) usage ;;
+  esac
+done
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[[ -x $venv/bin/python ]] || "${PYTHON:-python3}" -m venv "$venv"
+pip=("$venv/bin/pip" install -q)
+
+# torch first, from the index that has the build wanted (CPU here and in CI), so that nothing
+# installed below pulls another build in as a dependency
+if [[ -n ${TORCH_INDEX_URL:-} ]]; then
+  "${pip[@]}" --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+else
+  "${pip[@]}" "torch==$TORCH_VERSION"
+fi
+"${pip[@]}" "${mode[@]}" "$root$extra"
