@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,11 +15,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.batcher import BatchObserver, Row
 
-__all__ = ["CONTENT_TYPE_LATEST", "OTHER", "Metrics", "MetricsObserver"]
+__all__ = ["CONTENT_TYPE_LATEST", "OTHER", "DeviceMemory", "Metrics", "MetricsObserver"]
 
 OTHER = "other"
 _P = "adapterserve_"
@@ -86,6 +90,7 @@ class Metrics:
         self.tokens = Counter(_P + "tokens", "Input tokens processed, by task.", ["task"], registry=r)
         self.uploads = Counter(_P + "uploads", "Adapter uploads by result.", ["result"], registry=r)
         self.ready = Gauge(_P + "ready", "1 when the service takes traffic, else 0.", registry=r)
+        r.register(DeviceMemory())
 
     def task_label(self, task: str, *, registered: bool) -> str:
         """The label value for a task: itself while under the cap and registered, else `other`."""
@@ -102,6 +107,45 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class DeviceMemory:
+    """`device_memory_bytes{device,kind}`, read at scrape time: the host (the process's resident set
+    and the machine's total) and every CUDA device torch has initialised (allocated, reserved, total).
+    """
+
+    name = _P + "device_memory_bytes"
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        """The family without samples, so registering it reads no device."""
+        return [self._family()]
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            self.name,
+            "Memory of the devices the process uses, by device and kind.",
+            labels=["device", "kind"],
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per device and kind."""
+        family = self._family()
+        page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            with open("/proc/self/statm") as f:
+                family.add_metric(["cpu", "resident"], int(f.read().split()[1]) * page)
+        except OSError:  # not Linux: no resident-set figure
+            pass
+        family.add_metric(["cpu", "total"], os.sysconf("SC_PHYS_PAGES") * page)
+        # never import torch (or initialise CUDA) just to report on it
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                device = f"cuda:{i}"
+                family.add_metric([device, "allocated"], torch.cuda.memory_allocated(i))
+                family.add_metric([device, "reserved"], torch.cuda.memory_reserved(i))
+                family.add_metric([device, "total"], torch.cuda.mem_get_info(i)[1])
+        yield family
 
 
 class MetricsObserver(BatchObserver):
