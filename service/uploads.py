@@ -16,6 +16,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from store.durable import io_error, io_errors
 from store.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = ["MAX_CONFIG_BYTES", "Upload", "read_upload"]
@@ -103,7 +104,8 @@ async def read_upload(request: Request, *, max_bytes: int, tmp_dir: Path | None)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {max_bytes}", limit=max_bytes)
-    fd, name = tempfile.mkstemp(prefix="adapterserve-upload-", suffix=".safetensors", dir=tmp_dir)
+    with io_errors("receiving the upload", undone=True):
+        fd, name = tempfile.mkstemp(prefix="adapterserve-upload-", suffix=".safetensors", dir=tmp_dir)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -126,6 +128,11 @@ async def read_upload(request: Request, *, max_bytes: int, tmp_dir: Path | None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise InvalidRequest("the multipart body is malformed") from None
+    except OSError as exc:
+        # A full or failing spool disk is the server's problem (507/503), never a 500 with a path.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise io_error(exc, "receiving the upload", undone=True) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -1,0 +1,146 @@
+"""Helpers of the reliability and security battery: store snapshots, raw safetensors, pickle canaries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import pickle
+import stat
+import struct
+import threading
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from api_support import admin
+
+from store.safetensors_io import write_safetensors
+
+__all__ = [
+    "WorkerGate",
+    "canary_pickles",
+    "files",
+    "raw_safetensors",
+    "safetensors_bytes",
+    "tree_digest",
+    "tree_listing",
+    "until",
+    "upload_bytes",
+]
+
+
+def tree_listing(root: Path) -> dict[str, str]:
+    """Every entry under `root` (never following links): relative path -> type and content digest."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                out[rel] = f"link:{os.readlink(path)}"
+            elif stat.S_ISDIR(mode):
+                out[rel] = "dir"
+            else:
+                out[rel] = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def tree_digest(root: Path) -> str:
+    """One sha256 over the whole tree: names, types, link targets and file bytes."""
+    return hashlib.sha256(json.dumps(tree_listing(root), sort_keys=True).encode()).hexdigest()
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A valid safetensors file of `arrays`, in memory."""
+    buf = io.BytesIO()
+    write_safetensors(buf, arrays)
+    return buf.getvalue()
+
+
+def raw_safetensors(header: object, data: bytes, *, header_len: int | None = None) -> bytes:
+    """A safetensors-shaped file with an arbitrary header (a dict is JSON-encoded) and data buffer."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(text) if header_len is None else header_len
+    return struct.pack("<Q", length) + text + data
+
+
+class _Canary:
+    """Unpickling this creates a directory at `marker`: proof that something ran pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def canary_pickles(marker: Path) -> dict[str, bytes]:
+    """Payloads whose unpickling would create `marker`: every pickle protocol and torch's zip layout."""
+    payload = {"encoder.0.q.lora.A": _Canary(marker)}
+    out = {
+        f"pickle-protocol-{p}": pickle.dumps(payload, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1)
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        # The layout torch.save writes: archive/data.pkl plus a version record.
+        zf.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        zf.writestr("archive/version", "3\n")
+    out["torch-zip"] = buf.getvalue()
+    # A pickle after a plausible length prefix, so format sniffing alone does not catch it.
+    body = pickle.dumps(payload, protocol=4)
+    out["length-prefixed-pickle"] = struct.pack("<Q", len(body)) + body
+    return out
+
+
+def files(config: bytes, weights: bytes, *, weights_name: str = "adapter.safetensors") -> dict:
+    """httpx `files=` of one upload."""
+    return {
+        "config": ("adapter_config.json", config, "application/json"),
+        "weights": (weights_name, weights, "application/octet-stream"),
+    }
+
+
+async def upload_bytes(client, task: str, config: bytes, weights: bytes, **params):
+    """POST raw config and weights bytes as an upload with the admin key."""
+    return await client.post(
+        f"/v1/adapters/{task}", files=files(config, weights), headers=admin(), params=params
+    )
+
+
+async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Yield to the event loop until `cond()` holds (state changes come from other tasks and threads)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0)
+
+
+class WorkerGate:
+    """Holds the device worker thread busy until opened, so requests pile up deterministically."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.job: asyncio.Future | None = None
+
+    async def __aenter__(self) -> WorkerGate:
+        def block() -> None:
+            self.entered.set()
+            self.gate.wait(30)
+
+        self.job = asyncio.ensure_future(self.service.engine.call(block))
+        await asyncio.to_thread(self.entered.wait, 10)
+        return self
+
+    def open(self) -> None:
+        """Let the worker go on."""
+        self.gate.set()
+
+    async def __aexit__(self, *exc) -> None:
+        self.gate.set()
+        await self.job
