@@ -79,6 +79,8 @@ class Hypernetwork(nn.Module):
     def generate(self, z: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Adapter weights for each task embedding in z [T, d]: per task, '{stack}.{i}.{site}.{part}'."""
         h, r = self.spec.hidden_size, self.config.bottleneck_dim
+        # The generator keeps its own dtype (float32 on a bf16 server); banks cast what it writes.
+        z = z.to(next(iter(self.params.values())).dtype)
         out: list[dict[str, torch.Tensor]] = [{} for _ in range(z.shape[0])]
         for stack in self.spec.stacks:
             e = self.conditioning(z, stack)  # [T, L, S, E]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -19,6 +20,7 @@ from service.schemas import (
     AdapterDetail,
     AdapterList,
     BackboneInfo,
+    HypernetworkList,
     PredictRequest,
     PredictResponse,
     SetCurrent,
@@ -27,7 +29,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.uploads import read_upload
 from store.base import ArtifactStore, validate_name
-from store.errors import AdapterServeError, NotImplementedYet
+from store.errors import AdapterServeError
 
 __all__ = ["create_app"]
 
@@ -241,17 +243,51 @@ def _routes(app: FastAPI) -> None:
         await _svc(request).registry.delete_version(task, version)
         return Response(status_code=204)
 
-    # -- hypernetworks (contract routes, not in this build) --------------------------------------
+    # -- hypernetworks --------------------------------------------------------------------------
 
-    @app.post("/v1/hypernetworks/{name}", tags=["hypernetworks"], dependencies=_ADMIN)
-    async def upload_hypernetwork(name: str) -> None:
-        """Not implemented yet: 501."""
-        raise NotImplementedYet("hypernetworks are not served by this build yet")
+    @app.post("/v1/hypernetworks/{name}", status_code=201, tags=["hypernetworks"], dependencies=_ADMIN)
+    async def upload_hypernetwork(
+        name: str, request: Request, activate: bool = Query(default=True)
+    ) -> UploadResult:
+        """Upload a shared hypernetwork version (multipart: `config` JSON, `weights` safetensors)."""
+        svc = _svc(request)
+        result = "error"
+        try:
+            validate_name(name)
+            svc.enter()
+            try:
+                up = await read_upload(
+                    request, max_bytes=svc.settings.max_upload_bytes, tmp_dir=svc.settings.upload_tmp_dir
+                )
+                try:
+                    info, config, params, current = await svc.hypernetworks.upload(
+                        name, config_bytes=up.config, weights_path=up.weights_path, activate=activate
+                    )
+                finally:
+                    up.remove()
+            finally:
+                svc.leave()
+            result = "ok"
+        except AdapterServeError as exc:
+            result = _snake_result(exc)
+            raise
+        finally:
+            svc.metrics.uploads.labels(result=result).inc()
+        return UploadResult(
+            task=name,
+            version=info.version,
+            sha256=info.sha256,
+            method=config.method,
+            num_parameters=params,
+            size_bytes=info.size_bytes,
+            current=current,
+        )
 
     @app.get("/v1/hypernetworks", tags=["hypernetworks"], dependencies=_ADMIN)
-    async def list_hypernetworks() -> None:
-        """Not implemented yet: 501."""
-        raise NotImplementedYet("hypernetworks are not served by this build yet")
+    async def list_hypernetworks(request: Request) -> HypernetworkList:
+        """Every shared hypernetwork with its current version."""
+        entries = await asyncio.to_thread(_svc(request).hypernetworks.summary)
+        return HypernetworkList(hypernetworks=entries)
 
 
 def _snake_result(exc: AdapterServeError) -> str:

@@ -42,6 +42,8 @@ class Adapter:
     nbytes: int
     num_parameters: int
     sha256: str
+    hypernetwork: object | None = field(default=None, repr=False)
+    """The generator of a `hyperformer` task: its slot is generated from it, not copied."""
     refs: int = field(default=0, repr=False)
 
     @property
@@ -53,6 +55,11 @@ class Adapter:
     def method(self) -> str:
         """The adapter method of the config."""
         return self.config.method
+
+    @property
+    def source(self) -> str:
+        """Where a slot's weights come from: `store` (copied) or `hypernetwork` (generated)."""
+        return "store" if self.hypernetwork is None else "hypernetwork"
 
     @property
     def head(self):
@@ -145,6 +152,10 @@ class HostCache:
         finally:
             self._loading.pop(key, None)
 
+    def drop_where(self, predicate: Callable[[Adapter], bool]) -> None:
+        """Forget every entry the predicate selects (holders keep their references)."""
+        self.drop([k for k, a in self._entries.items() if predicate(a)])
+
     def drop(self, keys: Iterable[Key]) -> None:
         """Forget entries (deleted versions); holders keep their references."""
         for key in list(keys):
@@ -177,6 +188,8 @@ class DeviceSlots:
         self._lock = threading.Lock()
         self._slots: OrderedDict[Key, int] = OrderedDict()
         self._bytes: dict[Key, int] = {}
+        # The generator each resident generated adapter came from: a new one makes the slot stale.
+        self._nets: dict[Key, object] = {}
         self._free = list(range(self.capacity, 0, -1))
         self._pinned: set[Key] = set()
         self.bytes = 0
@@ -226,6 +239,9 @@ class DeviceSlots:
                 slot = self._slots.get(a.key)
                 if slot is not None:
                     self._slots.move_to_end(a.key)
+            if slot is not None and self._nets.get(a.key) is not a.hypernetwork:
+                self.evict(a.key)
+                slot = None
             if slot is not None:
                 self.m.cache_hits.inc()
                 out[a.key] = slot
@@ -249,14 +265,22 @@ class DeviceSlots:
                 )
             self.evict(victim)
         slot = self._free.pop()
+        generated = adapter.hypernetwork is not None
+        started = time.perf_counter()
         try:
-            self.model.load(slot, adapter.config, adapter.tensors)
+            self.model.load(slot, adapter.config, adapter.tensors, hypernetwork=adapter.hypernetwork)
         except BaseException:
             self._free.append(slot)
+            if generated:
+                self.m.adapter_loads.labels(source="hypernetwork", result="error").inc()
             raise
+        if generated:
+            self.m.adapter_loads.labels(source="hypernetwork", result="ok").inc()
+            self.m.adapter_load_duration.labels(source="hypernetwork").observe(time.perf_counter() - started)
         with self._lock:
             self._slots[adapter.key] = slot
             self._bytes[adapter.key] = adapter.nbytes
+            self._nets[adapter.key] = adapter.hypernetwork
             self.bytes += adapter.nbytes
         self._publish()
         return slot
@@ -268,6 +292,7 @@ class DeviceSlots:
             if slot is None:
                 return False
             self.bytes -= self._bytes.pop(key)
+            self._nets.pop(key, None)
         self.model.evict(slot)
         self._free.append(slot)
         self.m.evictions.inc()

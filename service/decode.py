@@ -24,8 +24,11 @@ __all__ = ["Decoder"]
 class Decoder:
     """Validates and decodes artifacts for one model (its spec, banks, device and dtype)."""
 
-    def __init__(self, *, model, limits: SafetensorsLimits, pin_memory: bool = False) -> None:
+    def __init__(
+        self, *, model, limits: SafetensorsLimits, pin_memory: bool = False, hypernetworks=None
+    ) -> None:
         self.model = model
+        self.hypernetworks = hypernetworks
         self.spec = model.spec
         self.limits = limits
         self.pin_memory = pin_memory
@@ -37,8 +40,15 @@ class Decoder:
     ) -> Adapter:
         """Validate an artifact and return its tensors in the model's dtype (pinned on GPU hosts)."""
         config = parse_config(config_bytes)
+        net = None
+        if config.method == "hypernetwork":
+            raise InvalidArtifact(
+                "adapter_config.json: method: a hypernetwork is uploaded with POST /v1/hypernetworks/{name}"
+            )
         if config.method == "hyperformer":
-            raise NotImplementedYet("hypernetwork-generated adapters are not served by this build yet")
+            if self.hypernetworks is None:
+                raise NotImplementedYet("hypernetwork-generated adapters are not served by this server")
+            _, net = self.hypernetworks.resolve(config.hypernetwork)
         self._check_task_shape(config)
         expected = expected_tensors(config, self.spec)
         check_expected(read_header(weights_path, limits=self.limits), expected)
@@ -48,8 +58,11 @@ class Decoder:
         for name, arr in arrays.items():
             t = torch.from_numpy(arr).to(dtype)
             tensors[name] = t.pin_memory() if self.pin_memory else t
-        self._dry_run(config, tensors)
+        entries = self._dry_run(config, tensors, hypernetwork=net)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if net is not None:
+            # What the slot will hold once generated, so the device budget counts it.
+            nbytes = sum(_entry_bytes(e) for e in entries)
         return Adapter(
             task=task,
             uid=uid,
@@ -59,6 +72,7 @@ class Decoder:
             nbytes=nbytes,
             num_parameters=sum(t.numel() for t in tensors.values()),
             sha256=sha256,
+            hypernetwork=net,
         )
 
     @staticmethod
@@ -85,10 +99,10 @@ class Decoder:
                 f"{self.model.config.head_max_outputs} (ADAPTERSERVE_HEAD_MAX_OUTPUTS)"
             )
 
-    def _dry_run(self, config, tensors: dict[str, torch.Tensor]) -> None:
+    def _dry_run(self, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> list:
         """Check that every bank write of this adapter fits this server's banks, writing nothing."""
         try:
-            entries = self.model.entries(config, tensors)
+            entries = self.model.entries(config, tensors, hypernetwork=hypernetwork)
         except KeyError:
             raise InvalidArtifact(f"method {config.method!r} is not supported by this server yet") from None
         except ValueError as exc:
@@ -114,3 +128,14 @@ class Decoder:
                         f"the adapter does not fit this server's {entry.kind} bank at {entry.key}: "
                         f"{tuple(value.shape)} vs {tuple(room)}"
                     )
+        return entries
+
+
+def _entry_bytes(entry) -> int:
+    """Bytes of the tensors one bank write carries."""
+    total = 0
+    for v in entry.kwargs.values():
+        for t in v if isinstance(v, tuple) else (v,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

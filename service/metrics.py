@@ -68,11 +68,15 @@ class Metrics:
             _P + "rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r
         )
         self.adapter_loads = Counter(
-            _P + "adapter_loads", "Adapter loads by source and result.", ["source", "result"], registry=r
+            _P + "adapter_loads",
+            "Adapter loads by source and result: store (read and decoded into host memory) or "
+            "hypernetwork (generated into a device slot).",
+            ["source", "result"],
+            registry=r,
         )
         self.adapter_load_duration = Histogram(
             _P + "adapter_load_duration_seconds",
-            "Time to read and decode an adapter.",
+            "Time to read and decode an adapter (store), or to generate it into a slot (hypernetwork).",
             ["source"],
             buckets=_LATENCY,
             registry=r,

@@ -14,6 +14,7 @@ from service.batcher import Batcher, Row
 from service.cache import DeviceSlots
 from service.decode import Decoder
 from service.engine import Engine, Work
+from service.hypernets import Hypernetworks
 from service.metrics import Metrics, MetricsObserver
 from service.registry import Registry
 from service.settings import Settings
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter.safetensors"
+_HYPER_CONFIG = "hypernetwork_config.json"
+_HYPER_WEIGHTS = "hypernetwork.safetensors"
 
 
 class Service:
@@ -87,8 +90,12 @@ class Service:
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
         )
+        self.hypernetworks = Hypernetworks(store=self.store, model=self.model, limits=self.limits)
         self.decoder = Decoder(
-            model=self.model, limits=self.limits, pin_memory=self.backbone.device.type == "cuda"
+            model=self.model,
+            limits=self.limits,
+            pin_memory=self.backbone.device.type == "cuda",
+            hypernetworks=self.hypernetworks,
         )
         self.registry = Registry(
             store=self.store,
@@ -99,6 +106,7 @@ class Service:
             run_on_device=self.engine.call,
             pinned=list(s.pinned),
         )
+        self.hypernetworks.listeners.append(self.registry.drop_generated)
         await self.registry.start()
         self.batcher = Batcher(
             run_batch=self.engine.run_batch,
@@ -159,6 +167,8 @@ class Service:
         if not root.is_dir():
             log.warning("seed directory %s does not exist", root)
             return 0
+        # Hypernetworks first: the tasks generated from them name them.
+        await self._seed_hypernetworks(root / "hypernetworks")
         count = 0
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             config, weights = sub / _CONFIG, sub / _WEIGHTS
@@ -174,6 +184,21 @@ class Service:
                 log.warning("seed %s skipped: %s", sub.name, exc.message)
         log.info("seeded %d tasks from %s", count, root)
         return count
+
+    async def _seed_hypernetworks(self, root: Path) -> None:
+        if not root.is_dir():
+            return
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            config, weights = sub / _HYPER_CONFIG, sub / _HYPER_WEIGHTS
+            if not (config.is_file() and weights.is_file()):
+                continue
+            try:
+                await self.hypernetworks.upload(
+                    sub.name, config_bytes=config.read_bytes(), weights_path=weights, activate=True
+                )
+                log.info("seeded hypernetwork %s", sub.name)
+            except AdapterServeError as exc:
+                log.warning("seed hypernetwork %s skipped: %s", sub.name, exc.message)
 
     def begin_drain(self) -> None:
         """Stop taking new work: /readyz answers 503 and new requests are refused."""

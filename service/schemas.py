@@ -10,6 +10,8 @@ __all__ = [
     "AdapterSummary",
     "BackboneInfo",
     "ErrorBody",
+    "HypernetworkList",
+    "HypernetworkSummary",
     "Output",
     "PredictParameters",
     "PredictRequest",
@@ -75,6 +77,24 @@ class UploadResult(BaseModel):
     num_parameters: int
     size_bytes: int
     current: bool = Field(description="Whether this version is now the one serving.")
+
+
+class HypernetworkSummary(BaseModel):
+    """A shared hypernetwork in the list."""
+
+    name: str
+    current_version: int | None
+    versions: list[int]
+    variant: str | None = None
+    sites: list[str] | None = None
+    bottleneck_dim: int | None = None
+    task_embedding_dim: int | None = None
+
+
+class HypernetworkList(BaseModel):
+    """Every hypernetwork."""
+
+    hypernetworks: list[HypernetworkSummary]
 
 
 class VersionDetail(BaseModel):

@@ -379,12 +379,13 @@ async def test_oversized_upload_is_413_before_the_body_is_read(running, artifact
         assert (await upload(client, "t", d)).status_code == 201
 
 
-async def test_hypernetwork_routes_are_not_implemented(running):
+async def test_hypernetwork_routes_need_the_admin_key(running):
+    # behaviour of the routes themselves: tests/integration/test_hypernet_api.py
     async with running() as (_app, client):
-        assert (await client.get("/v1/hypernetworks", headers=admin())).status_code == 501
-        r = await client.post("/v1/hypernetworks/h", headers=admin())
-        assert r.status_code == 501 and r.json()["error"]["type"] == "not_implemented_yet"
+        r = await client.get("/v1/hypernetworks", headers=admin())
+        assert r.status_code == 200 and r.json() == {"hypernetworks": []}
         assert (await client.get("/v1/hypernetworks")).status_code == 401
+        assert (await client.post("/v1/hypernetworks/h")).status_code == 401
 
 
 # -- versions, hot swap, delete ----------------------------------------------------------------------
