@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from collections.abc import Iterable
@@ -90,7 +91,14 @@ def read_weights(
             f"reading pickle {pickled}: only do this for files you trust (weights_only loading)",
             stacklevel=2,
         )
-        data = torch.load(pickled, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(pickled, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            # weights_only refuses any object but tensors and plain containers: never run its code
+            raise InvalidArtifact(
+                f"{pickled.name} cannot be loaded weights-only (it holds more than tensors): "
+                f"{str(exc).splitlines()[0][:200]}"
+            ) from None
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise InvalidArtifact(f"{pickled.name} does not hold a flat dict of tensors")
         return data
