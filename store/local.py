@@ -127,11 +127,11 @@ class LocalStore(ArtifactStore):
 
     def _task_dir(self, kind: str, name: str) -> Path:
         path = self._root / check_kind(kind) / validate_name(name)
-        for part in (self._root / kind, path):
-            if os.path.islink(part):
-                raise StoreUnavailable(
-                    f"the store entry of {label(kind, name)} is a symbolic link; refusing it"
-                )
+        if os.path.islink(self._root / kind):
+            raise StoreUnavailable(f"the store's {kind!r} directory is a symbolic link; refusing it")
+        if os.path.islink(path):
+            # Someone planted it: the name cannot be used until an operator removes the link (400, not 5xx).
+            raise InvalidName(f"the store entry of {label(kind, name)} is a symbolic link; refusing the name")
         if not os.path.realpath(path).startswith(str(self._root) + os.sep):
             raise InvalidName(f"{label(kind, name)} resolves outside the store")
         return path

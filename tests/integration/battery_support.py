@@ -24,6 +24,7 @@ __all__ = [
     "WorkerGate",
     "canary_pickles",
     "files",
+    "raw_request",
     "raw_safetensors",
     "safetensors_bytes",
     "tree_digest",
@@ -144,3 +145,50 @@ class WorkerGate:
     async def __aexit__(self, *exc) -> None:
         self.gate.set()
         await self.job
+
+
+async def raw_request(
+    app, method: str, raw_path: str, *, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, bytes]:
+    """Call the ASGI app with `raw_path` exactly as a client sent it (httpx would normalize `..`).
+
+    The decoded `path` is made the way uvicorn makes it, by percent-decoding the raw path.
+    """
+    from urllib.parse import unquote
+
+    path, _, query = raw_path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote(path),
+        "raw_path": path.encode("ascii"),
+        "query_string": query.encode("ascii"),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        + [(b"content-length", str(len(body)).encode()), (b"host", b"test")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("test", 80),
+    }
+    sent = False
+    status, chunks = 0, []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
