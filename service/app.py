@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.backbone import Backbone
 from service.auth import require_admin, require_inference
+from service.disconnect import unless_disconnected
 from service.errors import install_handlers, status_of
 from service.metrics import CONTENT_TYPE_LATEST
 from service.runtime import Service
@@ -113,11 +114,14 @@ def _routes(app: FastAPI) -> None:
         try:
             svc.enter()
             try:
-                version, outputs = await svc.predict(
-                    task,
-                    list(body.inputs),
-                    all_scores=body.parameters.return_all_scores,
-                    max_new_tokens=body.parameters.max_new_tokens,
+                version, outputs = await unless_disconnected(
+                    request,
+                    svc.predict(
+                        task,
+                        list(body.inputs),
+                        all_scores=body.parameters.return_all_scores,
+                        max_new_tokens=body.parameters.max_new_tokens,
+                    ),
                 )
             finally:
                 svc.leave()

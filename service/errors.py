@@ -37,6 +37,8 @@ STATUS: dict[type[e.AdapterServeError], int] = {
     e.Unauthorized: 401,
     e.Forbidden: 403,
     e.NotImplementedYet: 501,
+    # nginx's code for "client closed request": only ever seen in logs and metrics.
+    e.ClientDisconnected: 499,
 }
 
 _HTTP_TYPES = {

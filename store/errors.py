@@ -6,6 +6,7 @@ __all__ = [
     "AdapterServeError",
     "ArtifactCorrupt",
     "BackboneMismatch",
+    "ClientDisconnected",
     "DeadlineExceeded",
     "Draining",
     "Forbidden",
@@ -98,6 +99,10 @@ class NotReady(AdapterServeError):
 
 class Draining(AdapterServeError):
     """The service is shutting down and takes no new work (503)."""
+
+
+class ClientDisconnected(AdapterServeError):
+    """The client went away before its answer was ready; its rows were dropped (499, never sent)."""
 
 
 class Unauthorized(AdapterServeError):
