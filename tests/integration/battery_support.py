@@ -148,11 +148,18 @@ class WorkerGate:
 
 
 async def raw_request(
-    app, method: str, raw_path: str, *, headers: dict[str, str] | None = None, body: bytes = b""
+    app,
+    method: str,
+    raw_path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    disconnect: asyncio.Event | None = None,
 ) -> tuple[int, bytes]:
     """Call the ASGI app with `raw_path` exactly as a client sent it (httpx would normalize `..`).
 
-    The decoded `path` is made the way uvicorn makes it, by percent-decoding the raw path.
+    The decoded `path` is made the way uvicorn makes it, by percent-decoding the raw path. Setting
+    `disconnect` makes the client go away, as a closed connection does under uvicorn.
     """
     from urllib.parse import unquote
 
@@ -180,7 +187,8 @@ async def raw_request(
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the client stays connected
+        # Until then the client stays connected, like a real one waiting for its answer.
+        await (disconnect or asyncio.Event()).wait()
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
