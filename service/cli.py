@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ import uvicorn
 __all__ = ["main"]
 
 log = logging.getLogger("adapterserve")
+_PROGRESS_MIN_BYTES = 4 << 20
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,19 +84,38 @@ class DrainingServer(uvicorn.Server):
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from service.client import ApiError, Client
+    from tqdm import tqdm
+
+    from service.client import Client, ClientError
 
     key = args.key or os.environ.get("ADAPTERSERVE_KEY")
+    bars: list[tqdm] = []
+
+    def progress(sent: int, total: int) -> None:
+        if not bars:
+            # a bar only where there is something to watch: large files, on a terminal
+            small = total < _PROGRESS_MIN_BYTES
+            bars.append(
+                tqdm(total=total, unit="B", unit_scale=True, desc=args.task, disable=True if small else None)
+            )
+        bars[0].n = sent  # a retry sends the file again from its start
+        bars[0].refresh()
+
     with Client(args.url, key=key) as client:
         try:
-            result = client.upload(args.task, args.directory, activate=not args.no_activate)
-        except ApiError as exc:
+            result = client.upload(
+                args.task, args.directory, activate=not args.no_activate, progress=progress
+            )
+        except ClientError as exc:
             print(f"adapterserve upload: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:
             print(f"adapterserve upload: {exc.strerror or exc}: {exc.filename or args.url}", file=sys.stderr)
             return 1
-    print(json.dumps(result, indent=2))
+        finally:
+            for bar in bars:
+                bar.close()
+    print(result.model_dump_json(indent=2))
     return 0
 
 
