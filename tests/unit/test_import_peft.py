@@ -17,10 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FFN, HEADS, HIDDEN, LAYERS, MAX_POSITIONS, VOCAB, make_batch, max_diff, tiny_bert
+from helpers import (
+    FFN,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    MAX_POSITIONS,
+    VOCAB,
+    make_batch,
+    max_diff,
+    tiny_bert,
+    tiny_gpt2,
+)
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from adapters.backbone import Backbone, default_backbone_path, load_backbone
 from adapters.formats import import_peft
@@ -81,6 +97,21 @@ CASES = [
     Case(
         "prefix",
         lambda: PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=PREFIX),
+        "prefix",
+    ),
+    Case(
+        "lora_some_layers",
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=[1]),
+        "lora",
+    ),
+    Case(
+        "prefix_with_projection",
+        lambda: PrefixTuningConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            num_virtual_tokens=PREFIX,
+            prefix_projection=True,
+            encoder_hidden_size=16,
+        ),
         "prefix",
     ),
     Case(
@@ -364,6 +395,63 @@ def test_cli_import_writes_a_valid_artifact(tmp_path: Path, world, capsys) -> No
     assert max_diff(logits[:, : len(LABELS)], c["logits"]) <= TOL
     # A second run refuses to overwrite the written directory.
     assert main(argv) == 1
+
+
+def _tiny_roberta_classifier() -> RobertaForSequenceClassification:
+    cfg = RobertaConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POSITIONS + 2,
+        num_labels=len(LABELS),
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def test_gpt2_lora_with_fan_in_fan_out_matches_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D projections (fused qkv): PEFT's LM logits through our model."""
+    pcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_gpt2(0), pcfg).eval()
+    _randomize(peft_model, seed=5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    backbone = Backbone.from_model(tiny_gpt2(0))
+    cfg = import_peft(tmp_path / "peft", tmp_path / "native", spec=backbone.spec)
+    assert cfg.targets == ["qkv", "o", "ffn_in", "ffn_out"]
+    model = MultiTaskModel(backbone, banks=BankConfig(slots=2))
+    model.load(1, cfg, store_validate(tmp_path / "native", backbone.spec))
+    batch = make_batch([7, 5, 3], family="gpt2", seed=1)
+    with torch.no_grad():
+        want = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    got = model.logits(batch.input_ids, batch.attention_mask, [1, 1, 1])
+    real = batch.attention_mask.bool()
+    assert max_diff(got[real], want[real]) <= TOL
+    assert max_diff(model.logits(batch.input_ids, batch.attention_mask, [0, 0, 0])[real], want[real]) > MOVED
+
+
+def test_roberta_classifier_head_matches_peft(tmp_path: Path) -> None:
+    """RoBERTa's saved classifier (dense + tanh + out_proj on the first token) becomes a two-layer head."""
+    pcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(_tiny_roberta_classifier(), pcfg).eval()
+    _randomize(peft_model, seed=6)
+    peft_model.save_pretrained(tmp_path / "peft")
+    backbone = Backbone.from_model(_tiny_roberta_classifier().roberta)
+    cfg = import_peft(tmp_path / "peft", tmp_path / "native", spec=backbone.spec, labels=LABELS)
+    assert (cfg.head.pooling, cfg.head.layers) == ("cls", 2)
+    model = MultiTaskModel(backbone, banks=BankConfig(slots=2))
+    model.load(1, cfg, store_validate(tmp_path / "native", backbone.spec))
+    batch = make_batch([7, 5, 3], family="bert", seed=1)
+    with torch.no_grad():
+        want = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    got = model.classify(batch.input_ids, batch.attention_mask, [1, 1, 1]).logits[:, : len(LABELS)]
+    assert max_diff(got, want) <= TOL
 
 
 @pytest.mark.minilm
