@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing as mp
+import os
 import pickle
+import signal
 import struct
 import zipfile
 from collections.abc import Callable
@@ -28,8 +31,9 @@ from adapters.backbone import Backbone
 from adapters.hypernet import Hypernetwork
 from adapters.methods import METHODS
 from adapters.model import BankConfig, MultiTaskModel
+from store import durable
 from store.artifact import expected_tensors, parse_config
-from store.errors import BackboneMismatch, InvalidArtifact, NotSafetensors, PayloadTooLarge
+from store.errors import ArtifactCorrupt, BackboneMismatch, InvalidArtifact, NotSafetensors, PayloadTooLarge
 from store.local import LocalStore
 from store.safetensors_io import (
     SafetensorsLimits,
@@ -545,3 +549,141 @@ def test_every_method_round_trips_through_the_store(served, method: str, tmp_pat
     finally:
         model.evict(1)
         model.evict(2)
+
+
+# -- SIGKILL at every system call of a write; a flipped byte anywhere -----------------------------------
+
+# fork: the child inherits the patched file-system object without pickling it.
+FORK = mp.get_context("fork")
+BIG = good_config(r=1024)
+"""Weights just over 1 MiB, so the weights file takes two write calls (the store writes 1 MiB chunks)."""
+
+
+class _KillingFS(durable.FS):
+    """Counts the write path's system calls and SIGKILLs the process at call `at` (a write: half done)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def _tick(self) -> bool:
+        self.calls += 1
+        return self.calls == self.at
+
+    def _die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def open(self, path, flags, mode=0o644):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        return super().open(path, flags, mode)
+
+    def write(self, fd, data):  # type: ignore[no-untyped-def]
+        if self._tick():
+            super().write(fd, data[: len(data) // 2])  # a torn write
+            self._die()
+        return super().write(fd, data)
+
+    def fsync(self, fd):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        super().fsync(fd)
+
+    def close(self, fd):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        super().close(fd)
+
+    def mkdir(self, path):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        super().mkdir(path)
+
+    def rename(self, src, dst):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        super().rename(src, dst)
+
+    def replace(self, src, dst):  # type: ignore[no-untyped-def]
+        if self._tick():
+            self._die()
+        super().replace(src, dst)
+
+
+def _put_big(root: Path, src: Path) -> object:
+    store = LocalStore(root)
+    return store.put_version(
+        "tasks",
+        "t",
+        config_bytes=json.dumps(BIG).encode(),
+        weights_src=src,
+        validate=partial(store_validate, spec=BERT, limits=SafetensorsLimits()),
+    )
+
+
+def _killed_at(root: Path, src: Path, at: int) -> int:
+    """Run one write in a child killed at system call `at`; its exit code (0: it finished first)."""
+
+    def child() -> None:
+        durable.fs = _KillingFS(at)
+        _put_big(root, src)
+        os._exit(0)
+
+    proc = FORK.Process(target=child)
+    proc.start()
+    proc.join(timeout=60)
+    return proc.exitcode
+
+
+def test_sigkill_at_every_system_call_of_a_write(tmp_path: Path) -> None:
+    """Killed at any open/write/fsync/close/mkdir/rename of a write (torn writes too), the store reopens
+    with the new version either absent or complete and verified, and goes on working."""
+    src = tmp_path / "w.safetensors"
+    src.write_bytes(st_bytes(arrays_for(BIG, seed=4)))
+    config_bytes = json.dumps(BIG).encode()
+    killed = 0
+    for at in range(1, 200):
+        root = tmp_path / f"r{at}"
+        first = _put_big(root, tmp_path / "w.safetensors")
+        code = _killed_at(root, src, at)
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL
+        killed += 1
+        store = LocalStore(root)  # recovery at open
+        assert [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".trash-"))] == []
+        versions = [v.version for v in store.list_versions("tasks", "t")]
+        assert versions in ([1], [1, 2]), f"killed at call {at}: versions {versions}"
+        for v in versions:
+            got = store.get("tasks", "t", v)  # checks both sha256 against the manifest
+            assert got.config_bytes == config_bytes and got.weights_path.read_bytes() == src.read_bytes()
+        assert store.current_version("tasks", "t") in versions
+        assert store.get("tasks", "t", 1).info == first
+        assert _put_big(root, src).version == versions[-1] + 1
+    assert killed >= 20, f"a write made only {killed} system calls"
+    assert code == 0
+
+
+def test_a_flipped_byte_anywhere_is_detected_on_read(tmp_path: Path) -> None:
+    """Flip one bit at positions spread over both stored files: every read of that version refuses it."""
+    store = LocalStore(tmp_path / "store", limits=LIMITS)
+    src = tmp_path / "w.safetensors"
+    src.write_bytes(st_bytes(arrays_for(good_config())))
+    info = store.put_version(
+        "tasks",
+        "t",
+        config_bytes=json.dumps(good_config()).encode(),
+        weights_src=src,
+        validate=partial(store_validate, spec=BERT),
+    )
+    vdir = store.get("tasks", "t").weights_path.parent
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        path = vdir / name
+        original = path.read_bytes()
+        for offset in sorted({0, 7, 8, len(original) // 3, len(original) // 2, len(original) - 1}):
+            damaged = bytearray(original)
+            damaged[offset] ^= 0x10
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(ArtifactCorrupt, match="task 't' version 1"):
+                store.get("tasks", "t", info.version)
+            path.write_bytes(original)
+            assert store.get("tasks", "t", info.version).info == info
