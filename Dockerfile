@@ -1,0 +1,55 @@
+# syntax=docker/dockerfile:1
+# adapterserve image: CPU by default; the CUDA image from the same file with
+#   docker build --build-arg TORCH_VARIANT=cu128 -t adapterserve:cuda .
+# (or `docker compose -f docker-compose.yml -f docker-compose.gpu.yml build`). See docs/deploy.md.
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# -- build: a virtual environment made by the same install script CI runs ---------------------------
+FROM ${PYTHON_IMAGE} AS build
+# cpu, or the CUDA build of the PyTorch wheel index (cu126, cu128, ...); the wheels carry CUDA itself
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY scripts/install.sh scripts/install.sh
+COPY pyproject.toml README.md ./
+COPY adapters adapters
+COPY store store
+COPY service service
+RUN TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}" scripts/install.sh /opt/venv \
+ && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+
+# -- runtime: the interpreter, the virtual environment and nothing else ------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG TORCH_VARIANT=cpu
+LABEL org.opencontainers.image.title="adapterserve" \
+      org.opencontainers.image.description="One frozen backbone, many hot-swapped adapters, mixed-task batches." \
+      io.adapterserve.torch-variant="${TORCH_VARIANT}"
+RUN groupadd --system --gid 10001 adapterserve \
+ && useradd --system --uid 10001 --gid adapterserve --home-dir /data --no-create-home adapterserve \
+ && mkdir -p /data \
+ && chown adapterserve:adapterserve /data
+COPY --from=build /opt/venv /opt/venv
+# Settings come from the environment (every ADAPTERSERVE_* variable of the README's table).
+# Inside the container the service binds all interfaces; publish the port on the host's loopback
+# (compose does) unless it is meant to be reachable. dtype auto is bfloat16 on a GPU.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    ADAPTERSERVE_HOST=0.0.0.0 \
+    ADAPTERSERVE_PORT=8000 \
+    ADAPTERSERVE_STORE=/data/store \
+    ADAPTERSERVE_DEVICE=auto \
+    ADAPTERSERVE_DTYPE=auto
+# the store and the generated admin key (/data/store.admin-key) outlive the container
+VOLUME ["/data"]
+WORKDIR /data
+USER adapterserve:adapterserve
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('ADAPTERSERVE_PORT', '8000'), timeout=4)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["adapterserve"]
+CMD ["serve"]
