@@ -565,48 +565,30 @@ class _KillingFS(durable.FS):
     def __init__(self, at: int) -> None:
         self.at, self.calls = at, 0
 
-    def _tick(self) -> bool:
+    def _tick(self) -> None:
         self.calls += 1
-        return self.calls == self.at
-
-    def _die(self) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def open(self, path, flags, mode=0o644):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        return super().open(path, flags, mode)
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def write(self, fd, data):  # type: ignore[no-untyped-def]
-        if self._tick():
-            super().write(fd, data[: len(data) // 2])  # a torn write
-            self._die()
+        if self.calls + 1 == self.at:
+            super().write(fd, data[: len(data) // 2])  # a torn write, then the kill
+        self._tick()
         return super().write(fd, data)
 
-    def fsync(self, fd):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        super().fsync(fd)
 
-    def close(self, fd):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        super().close(fd)
+def _killing(name: str):  # type: ignore[no-untyped-def]
+    base = getattr(durable.FS, name)
 
-    def mkdir(self, path):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        super().mkdir(path)
+    def call(self, *args):  # type: ignore[no-untyped-def]
+        self._tick()
+        return base(self, *args)
 
-    def rename(self, src, dst):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        super().rename(src, dst)
+    return call
 
-    def replace(self, src, dst):  # type: ignore[no-untyped-def]
-        if self._tick():
-            self._die()
-        super().replace(src, dst)
+
+for _name in ("open", "fsync", "close", "mkdir", "rename", "replace"):
+    setattr(_KillingFS, _name, _killing(_name))
 
 
 def _put_big(root: Path, src: Path) -> object:
