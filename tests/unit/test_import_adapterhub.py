@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_distilbert
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
@@ -210,6 +212,54 @@ def test_each_placement_detail_matters(world, name: str) -> None:
 def test_lora_alpha_follows_the_writing_version(world) -> None:
     assert world["imported"]["lora_pre110"][1].alpha == 4.0  # r: adapters 1.0.x applied no scaling
     assert world["imported"]["lora"][1].alpha == 8.0
+
+
+def _edit(key: str, value: object, *, inner: bool = True, file: str = "adapter_config.json"):
+    def edit(meta: dict) -> None:
+        (meta["config"] if inner else meta)[key] = value
+
+    return file, edit
+
+
+# (fixture, edit of one of its JSON files, phrase of the refusal)
+REFUSED = [
+    ("seq_bn", _edit("model_type", "roberta", inner=False), "made for a roberta model"),
+    ("seq_bn", _edit("hidden_size", 64, inner=False), "hidden size 64"),
+    ("seq_bn", _edit("ln_before", True), "ln_before=true"),
+    ("par_bn", _edit("use_gating", True), "use_gating=true"),
+    ("seq_bn", _edit("original_ln_after", False), "original_ln_after=false"),
+    ("seq_bn", _edit("scaling", "per_token"), "scaling 'per_token'"),
+    ("seq_bn", _edit("non_linearity", "mish"), "activation 'mish'"),
+    ("seq_bn", _edit("architecture", "prompt_tuning"), "'prompt_tuning' is not supported"),
+    ("prefix_tuning", _edit("leave_out", [1]), "leave_out"),
+    ("lora", _edit("use_dora", True), "use_dora=true"),
+    ("lora", _edit("composition_mode", "gated"), "composition_mode 'gated'"),
+    ("seq_bn", _edit("head_type", "tagging", file="head_config.json"), "head type 'tagging'"),
+    ("seq_bn", _edit("layers", 3, file="head_config.json"), "3 layers"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "edit", "needle"), REFUSED, ids=[f"{r[0]}-{r[2].split()[0]}" for r in REFUSED]
+)
+def test_unsupported_features_are_refused(tmp_path: Path, fixture: str, edit, needle: str) -> None:
+    """What the native format cannot express exactly is refused with a typed error; nothing is written."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / fixture, src)
+    file, change = edit
+    meta = json.loads((src / file).read_text())
+    change(meta)
+    (src / file).write_text(json.dumps(meta))
+    with pytest.raises(InvalidArtifact) as info:
+        import_adapterhub(src, tmp_path / "out", spec=_backbone().spec)
+    assert needle in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_bert_backbones_are_refused(tmp_path: Path) -> None:
+    spec = Backbone.from_model(tiny_distilbert(0)).spec
+    with pytest.raises(InvalidArtifact, match="BERT-family backbones; this one is distilbert"):
+        import_adapterhub(FIXTURES / "seq_bn", tmp_path / "out", spec=spec)
 
 
 class _Canary:

@@ -29,11 +29,20 @@ from helpers import (
     tiny_bert,
     tiny_gpt2,
 )
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 from safetensors.torch import load_file
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -395,6 +404,51 @@ def test_cli_import_writes_a_valid_artifact(tmp_path: Path, world, capsys) -> No
     assert max_diff(logits[:, : len(LABELS)], c["logits"]) <= TOL
     # A second run refuses to overwrite the written directory.
     assert main(argv) == 1
+
+
+REFUSED = [
+    ("dora", lambda: LoraConfig(r=4, target_modules=["query"], use_dora=True), "use_dora"),
+    ("trained_biases", lambda: LoraConfig(r=4, target_modules=["query"], bias="all"), "bias"),
+    ("lora_on_the_pooler", lambda: LoraConfig(r=4, target_modules=["pooler.dense"]), "'pooler.dense'"),
+    ("loha", lambda: LoHaConfig(r=4, target_modules=["query"]), "'LOHA' is not supported"),
+    (
+        "prompt_tuning",
+        lambda: PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=4),
+        "'PROMPT_TUNING' is not supported",
+    ),
+    (
+        "other_saved_module",
+        lambda: LoraConfig(r=4, target_modules=["query"], modules_to_save=["pooler"]),
+        "not a supported bert sequence classifier",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "needle"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_unsupported_peft_checkpoints_are_refused(tmp_path: Path, make, needle: str) -> None:
+    """What the native format cannot express exactly is refused with a typed error; nothing is written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(tiny_bert(0), make()).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    with pytest.raises(InvalidArtifact) as info:
+        import_peft(tmp_path / "peft", tmp_path / "out", spec=Backbone.from_model(tiny_bert(0)).spec)
+    assert needle in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_backbone_size_is_refused(tmp_path: Path, world) -> None:
+    """A checkpoint trained on a wider BERT does not fit this backbone: the tensor and shapes are named."""
+    wide = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(wide, LoraConfig(r=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    with pytest.raises(
+        InvalidArtifact, match=r"'encoder\.0\.q\.lora\.A' has shape \(4, 64\); expected \(4, 32\)"
+    ):
+        import_peft(tmp_path / "peft", tmp_path / "out", spec=world["backbone"].spec)
+    assert not (tmp_path / "out").exists()
 
 
 def _tiny_roberta_classifier() -> RobertaForSequenceClassification:
