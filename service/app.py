@@ -16,6 +16,7 @@ from service.auth import require_admin, require_inference
 from service.disconnect import unless_disconnected
 from service.errors import install_handlers, status_of
 from service.metrics import CONTENT_TYPE_LATEST
+from service.openapi import ADMIN, HEALTH_503, METRICS_200, UPLOAD_BODY, TaskName, errors
 from service.runtime import Service
 from service.schemas import (
     AdapterDetail,
@@ -81,7 +82,7 @@ def _routes(app: FastAPI) -> None:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses=HEALTH_503)
     async def readyz(request: Request) -> JSONResponse:
         """200 once warmed up; 503 before that and while draining."""
         svc = _svc(request)
@@ -91,7 +92,7 @@ def _routes(app: FastAPI) -> None:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=Response, responses=METRICS_200)
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition."""
         return Response(_svc(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -99,10 +100,14 @@ def _routes(app: FastAPI) -> None:
     # -- inference ------------------------------------------------------------------------------
 
     @app.post(
-        "/v1/tasks/{task}/predict", tags=["inference"], dependencies=_INFER, response_model_exclude_none=True
+        "/v1/tasks/{task}/predict",
+        tags=["inference"],
+        dependencies=_INFER,
+        response_model_exclude_none=True,
+        responses=errors(400, 401, 404, 413, 422, 429, 503, 504),
     )
     async def predict(
-        task: str, body: PredictRequest, request: Request, response: Response
+        task: TaskName, body: PredictRequest, request: Request, response: Response
     ) -> PredictResponse:
         """Run the task's current adapter over the inputs."""
         svc = _svc(request)
@@ -136,7 +141,7 @@ def _routes(app: FastAPI) -> None:
         response.headers["X-Adapter-Version"] = str(version)
         return PredictResponse(task=task, version=version, outputs=outputs)
 
-    @app.get("/v1/backbone", tags=["inference"], dependencies=_INFER)
+    @app.get("/v1/backbone", tags=["inference"], dependencies=_INFER, responses=errors(401))
     async def backbone(request: Request) -> BackboneInfo:
         """The loaded backbone: architecture, sizes, fingerprint, device."""
         svc = _svc(request)
@@ -158,9 +163,16 @@ def _routes(app: FastAPI) -> None:
 
     # -- management -----------------------------------------------------------------------------
 
-    @app.post("/v1/adapters/{task}", status_code=201, tags=["adapters"], dependencies=_ADMIN)
+    @app.post(
+        "/v1/adapters/{task}",
+        status_code=201,
+        tags=["adapters"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 409, 413, 415, 422, 503, 507),
+        openapi_extra=UPLOAD_BODY,
+    )
     async def upload(
-        task: str,
+        task: TaskName,
         request: Request,
         activate: bool = Query(default=True),
         version: int | None = Query(
@@ -208,50 +220,79 @@ def _routes(app: FastAPI) -> None:
             current=current,
         )
 
-    @app.get("/v1/adapters", tags=["adapters"], dependencies=_ADMIN)
+    @app.get("/v1/adapters", tags=["adapters"], dependencies=_ADMIN, responses=errors(*ADMIN, 503))
     async def list_adapters(request: Request) -> AdapterList:
         """Every task with its current version."""
         return AdapterList(adapters=_svc(request).registry.summary())
 
-    @app.get("/v1/adapters/{task}", tags=["adapters"], dependencies=_ADMIN)
-    async def get_adapter(task: str, request: Request) -> AdapterDetail:
+    @app.get(
+        "/v1/adapters/{task}", tags=["adapters"], dependencies=_ADMIN, responses=errors(400, *ADMIN, 404, 503)
+    )
+    async def get_adapter(task: TaskName, request: Request) -> AdapterDetail:
         """A task's versions, current version and residency."""
         return AdapterDetail(**await _svc(request).registry.detail(task))
 
-    @app.put("/v1/adapters/{task}/current", tags=["adapters"], dependencies=_ADMIN)
-    async def set_current(task: str, body: SetCurrent, request: Request) -> AdapterDetail:
+    @app.put(
+        "/v1/adapters/{task}/current",
+        tags=["adapters"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 409, 422, 503, 507),
+    )
+    async def set_current(task: TaskName, body: SetCurrent, request: Request) -> AdapterDetail:
         """Roll forward or back to a stored version (loaded before it serves)."""
         svc = _svc(request)
         svc.admit()
         await svc.registry.set_current(task, body.version)
         return AdapterDetail(**await svc.registry.detail(task))
 
-    @app.put("/v1/adapters/{task}/pin", tags=["adapters"], dependencies=_ADMIN)
-    async def pin(task: str, request: Request, pinned: bool = Query(default=True)) -> AdapterDetail:
+    @app.put(
+        "/v1/adapters/{task}/pin",
+        tags=["adapters"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 422, 503),
+    )
+    async def pin(task: TaskName, request: Request, pinned: bool = Query(default=True)) -> AdapterDetail:
         """Keep (or stop keeping) the task's current version resident on the device."""
         svc = _svc(request)
         await svc.registry.set_pinned(task, pinned)
         return AdapterDetail(**await svc.registry.detail(task))
 
-    @app.delete("/v1/adapters/{task}", status_code=204, tags=["adapters"], dependencies=_ADMIN)
-    async def delete_adapter(task: str, request: Request) -> Response:
+    @app.delete(
+        "/v1/adapters/{task}",
+        status_code=204,
+        tags=["adapters"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 503),
+    )
+    async def delete_adapter(task: TaskName, request: Request) -> Response:
         """Remove a task; requests already admitted finish."""
         await _svc(request).registry.delete(task)
         return Response(status_code=204)
 
     @app.delete(
-        "/v1/adapters/{task}/versions/{version}", status_code=204, tags=["adapters"], dependencies=_ADMIN
+        "/v1/adapters/{task}/versions/{version}",
+        status_code=204,
+        tags=["adapters"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 409, 422, 503),
     )
-    async def delete_version(task: str, version: int, request: Request) -> Response:
+    async def delete_version(task: TaskName, version: int, request: Request) -> Response:
         """Remove one version that is not current."""
         await _svc(request).registry.delete_version(task, version)
         return Response(status_code=204)
 
     # -- hypernetworks --------------------------------------------------------------------------
 
-    @app.post("/v1/hypernetworks/{name}", status_code=201, tags=["hypernetworks"], dependencies=_ADMIN)
+    @app.post(
+        "/v1/hypernetworks/{name}",
+        status_code=201,
+        tags=["hypernetworks"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 409, 413, 415, 422, 503, 507),
+        openapi_extra=UPLOAD_BODY,
+    )
     async def upload_hypernetwork(
-        name: str, request: Request, activate: bool = Query(default=True)
+        name: TaskName, request: Request, activate: bool = Query(default=True)
     ) -> UploadResult:
         """Upload a shared hypernetwork version (multipart: `config` JSON, `weights` safetensors)."""
         svc = _svc(request)
@@ -287,7 +328,7 @@ def _routes(app: FastAPI) -> None:
             current=current,
         )
 
-    @app.get("/v1/hypernetworks", tags=["hypernetworks"], dependencies=_ADMIN)
+    @app.get("/v1/hypernetworks", tags=["hypernetworks"], dependencies=_ADMIN, responses=errors(*ADMIN, 503))
     async def list_hypernetworks(request: Request) -> HypernetworkList:
         """Every shared hypernetwork with its current version."""
         entries = await asyncio.to_thread(_svc(request).hypernetworks.summary)
