@@ -555,8 +555,9 @@ def test_every_method_round_trips_through_the_store(served, method: str, tmp_pat
 
 # fork: the child inherits the patched file-system object without pickling it.
 FORK = mp.get_context("fork")
-BIG = good_config(r=1024)
-"""Weights just over 1 MiB, so the weights file takes two write calls (the store writes 1 MiB chunks)."""
+WRITTEN = good_config()
+CHUNK = 1024
+"""The child writes in 1 KiB chunks (the store's are 1 MiB), so the ~4 KiB weights take several writes."""
 
 
 class _KillingFS(durable.FS):
@@ -591,14 +592,14 @@ for _name in ("open", "fsync", "close", "mkdir", "rename", "replace"):
     setattr(_KillingFS, _name, _killing(_name))
 
 
-def _put_big(root: Path, src: Path) -> object:
+def _put_one(root: Path, src: Path) -> object:
     store = LocalStore(root)
     return store.put_version(
         "tasks",
         "t",
-        config_bytes=json.dumps(BIG).encode(),
+        config_bytes=json.dumps(WRITTEN).encode(),
         weights_src=src,
-        validate=partial(store_validate, spec=BERT, limits=SafetensorsLimits()),
+        validate=partial(store_validate, spec=BERT),
     )
 
 
@@ -607,7 +608,8 @@ def _killed_at(root: Path, src: Path, at: int) -> int:
 
     def child() -> None:
         durable.fs = _KillingFS(at)
-        _put_big(root, src)
+        durable._CHUNK = CHUNK
+        _put_one(root, src)
         os._exit(0)
 
     proc = FORK.Process(target=child)
@@ -620,12 +622,12 @@ def test_sigkill_at_every_system_call_of_a_write(tmp_path: Path) -> None:
     """Killed at any open/write/fsync/close/mkdir/rename of a write (torn writes too), the store reopens
     with the new version either absent or complete and verified, and goes on working."""
     src = tmp_path / "w.safetensors"
-    src.write_bytes(st_bytes(arrays_for(BIG, seed=4)))
-    config_bytes = json.dumps(BIG).encode()
+    src.write_bytes(st_bytes(arrays_for(WRITTEN, seed=4)))
+    config_bytes = json.dumps(WRITTEN).encode()
     killed = 0
     for at in range(1, 200):
         root = tmp_path / f"r{at}"
-        first = _put_big(root, tmp_path / "w.safetensors")
+        first = _put_one(root, tmp_path / "w.safetensors")
         code = _killed_at(root, src, at)
         if code == 0:
             break
@@ -640,7 +642,7 @@ def test_sigkill_at_every_system_call_of_a_write(tmp_path: Path) -> None:
             assert got.config_bytes == config_bytes and got.weights_path.read_bytes() == src.read_bytes()
         assert store.current_version("tasks", "t") in versions
         assert store.get("tasks", "t", 1).info == first
-        assert _put_big(root, src).version == versions[-1] + 1
+        assert _put_one(root, src).version == versions[-1] + 1
     assert killed >= 20, f"a write made only {killed} system calls"
     assert code == 0
 
