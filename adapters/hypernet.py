@@ -35,6 +35,14 @@ class Hypernetwork(nn.Module):
         self.params = nn.ParameterDict(
             {name.replace(".", "__"): nn.Parameter(torch.zeros(shape)) for name, shape in shapes.items()}
         )
+        self._site_names = {
+            stack: [
+                k.rsplit(".", 1)[1] for k, _ in layer_keys(spec, config.sites) if k.startswith(f"{stack}.0.")
+            ]
+            for stack in spec.stacks
+        }
+        # Serving: the six generators of a stack fused into one matrix, rebuilt when a weight changes.
+        self._fused: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def p(self, name: str) -> torch.Tensor:
         """The parameter stored under an artifact tensor name."""
@@ -56,11 +64,21 @@ class Hypernetwork(nn.Module):
         return {name.replace("__", "."): p.detach() for name, p in self.params.items()}
 
     def _sites(self, stack: str) -> list[str]:
-        return [
-            k.rsplit(".", 1)[1]
-            for k, _ in layer_keys(self.spec, self.config.sites)
-            if k.startswith(f"{stack}.0.")
-        ]
+        return self._site_names[stack]
+
+    def _generator(self, stack: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hyperformer++'s generators of one stack as one [sum of widths, E] matrix and its bias."""
+        ws = [self.p(f"{stack}.gen.{part}.weight") for part in _GENERATED]
+        bs = [self.p(f"{stack}.gen.{part}.bias") for part in _GENERATED]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in ws + bs):
+            return torch.cat(ws), torch.cat(bs)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in ws + bs)
+        held = self._fused.get(stack)
+        if held is None or held[0] != key:
+            with torch.no_grad():
+                held = (key, torch.cat(ws), torch.cat(bs))
+            self._fused[stack] = held
+        return held[1], held[2]
 
     def conditioning(self, z: torch.Tensor, stack: str) -> torch.Tensor:
         """e for every (task, layer, site): [T, L, sites, projected_dim]."""
@@ -86,11 +104,13 @@ class Hypernetwork(nn.Module):
             e = self.conditioning(z, stack)  # [T, L, S, E]
             sites = self._sites(stack)
             gen: dict[str, torch.Tensor] = {}
-            for part in _GENERATED:
-                if self.plus:
-                    w, b = self.p(f"{stack}.gen.{part}.weight"), self.p(f"{stack}.gen.{part}.bias")
-                    gen[part] = F.linear(e, w, b)
-                else:
+            if self.plus:
+                # one matmul for all six generated parts, split afterwards
+                w, b = self._generator(stack)
+                widths = [self.p(f"{stack}.gen.{part}.bias").shape[0] for part in _GENERATED]
+                gen = dict(zip(_GENERATED, F.linear(e, w, b).split(widths, dim=-1), strict=True))
+            else:
+                for part in _GENERATED:
                     gen[part] = torch.stack(
                         [
                             F.linear(
