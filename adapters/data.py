@@ -225,10 +225,15 @@ def load_glue(name: str, *, root: Path | None = None) -> TaskData:
 
 @dataclass
 class Dataset:
-    """Token ids per example (no padding) and targets: class indices, or floats for regression."""
+    """Token ids per example (no padding), targets (class indices, or floats), and segment ids.
+
+    `types` holds the tokenizer's token type ids where it makes them (BERT-style pairs): the
+    service passes them too, so training must see the same inputs serving does.
+    """
 
     ids: list[list[int]]
     targets: torch.Tensor
+    types: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -256,7 +261,9 @@ def tokenize(
         if missing is not None:
             raise ValueError(f"label {missing!r} is not one of the task's labels {list(labels)}")
         targets = torch.tensor([index[e.label] for e in examples], dtype=torch.long)
-    return Dataset(ids=list(enc["input_ids"]), targets=targets)
+    uses_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    types = list(enc["token_type_ids"]) if uses_types and "token_type_ids" in enc else None
+    return Dataset(ids=list(enc["input_ids"]), targets=targets, types=types)
 
 
 class Batches:
@@ -282,6 +289,16 @@ class Batches:
             ids[j, : len(r)] = torch.tensor(r)
             mask[j, : len(r)] = 1
         return ids, mask, self.data.targets[list(idx)]
+
+    def extra(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The forward's extra inputs for these examples: right-padded token type ids, when there are any."""
+        if self.data.types is None:
+            return {}
+        rows = [self.data.types[i] for i in idx]
+        types = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
+        for j, r in enumerate(rows):
+            types[j, : len(r)] = torch.tensor(r)
+        return {"token_type_ids": types}
 
     def epoch(self, generator: torch.Generator) -> list[list[int]]:
         """One epoch's batches (lists of example indices)."""

@@ -308,7 +308,7 @@ class MultiTaskModel(nn.Module):
                 return self.backbone.model(
                     input_ids=input_ids, attention_mask=attention_mask, **kwargs
                 ).logits
-            hidden = self._encode(input_ids, attention_mask)
+            hidden = self._encode(input_ids, attention_mask, **kwargs)
             return head(hidden, attention_mask, self._pooler())
 
     def _pooler(self) -> nn.Module | None:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adapters.backbone import Backbone
+from adapters.banks import BankedLinear
 from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
 from adapters.heads import decode_row
 from adapters.methods import get_method
@@ -214,7 +215,9 @@ def _token_prefixes(
     """Keys and values the backbone computes for `length` random vocabulary tokens, per layer."""
     bb = model.backbone
     arch, core, spec = bb.arch, bb.core, bb.spec
-    ids = torch.randint(1000, spec.vocab_size, (1, length), generator=generator)
+    # skip the low ids (special and unused tokens in BERT-style vocabularies) where there is room
+    low = 1000 if spec.vocab_size > 2000 else 0
+    ids = torch.randint(low, spec.vocab_size, (1, length), generator=generator)
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for stack, path in arch.stacks.items():
@@ -309,7 +312,8 @@ def _logits(
         for idx in batches.ordered():
             ids, mask, _ = batches.collate(idx)
             dev = model.backbone.device
-            res = model.train_forward(ids.to(dev), mask.to(dev))
+            extra = {k: v.to(dev) for k, v in batches.extra(idx).items()}
+            res = model.train_forward(ids.to(dev), mask.to(dev), **extra)
             out[idx] = _head_logits(res, config).float().cpu()
         return out
     finally:
@@ -359,6 +363,9 @@ def train(
     opts = options or TrainOptions()
     if method != FULL:
         get_method(method)
+    if any(isinstance(m, BankedLinear) for m in backbone.model.modules()):
+        # a second MultiTaskModel would wrap the wrapped projections again: one backbone per run
+        raise ValueError("this backbone is already wrapped by a MultiTaskModel; load a fresh one per run")
     started = time.perf_counter()
     torch.manual_seed(opts.seed)
     g = torch.Generator().manual_seed(opts.seed)
@@ -429,8 +436,9 @@ def train(
             for idx in batches.epoch(g):
                 ids, mask, y = batches.collate(idx)
                 dev_ = backbone.device
+                extra = {k: v.to(dev_) for k, v in batches.extra(idx).items()}
                 model.bind(fit_config, current())
-                logits = _head_logits(model.train_forward(ids.to(dev_), mask.to(dev_)), config)
+                logits = _head_logits(model.train_forward(ids.to(dev_), mask.to(dev_), **extra), config)
                 loss = _loss(logits.float(), y.to(dev_), task.kind)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -439,7 +447,8 @@ def train(
                 optim.step()
                 sched.step()
                 step += 1
-                ema = float(loss) if ema is None else 0.9 * ema + 0.1 * float(loss)
+                value = loss.item()
+                ema = value if ema is None else 0.9 * ema + 0.1 * value
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{ema:.4f}",
@@ -485,7 +494,10 @@ def train(
         result.trainable_params = n_backbone + head
     else:
         final = best_tensors if best_tensors is not None else snapshot()
-        served = evaluate(model, config, final, dev, metrics=task.metrics) if len(dev_data) else {}
+        if best_tensors is not None and fit_config is config and reparam is None:
+            served = dict(best)  # the best checkpoint was evaluated with exactly the served forward
+        else:
+            served = evaluate(model, config, final, dev, metrics=task.metrics) if len(dev_data) else {}
         meta = _metadata(task, method=method, opts=opts, lr=lr, steps=step, n=len(train_data), dev=served)
         result.config = config.model_copy(update={"metadata": meta})
         result.tensors = final
@@ -603,9 +615,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         help="auto: regression when the targets are floats",
     )
     m = p.add_argument_group("method")
-    m.add_argument(
-        "--method", required=True, choices=[*sorted(METHODS), FULL], help="adapter method, or 'full'"
-    )
+    m.add_argument("--method", choices=[*sorted(METHODS), FULL], help="adapter method, or 'full' (required)")
+    from adapters.train_hyper_cli import add_hypernetwork_option
+
+    add_hypernetwork_option(m)
     m.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a method hyperparameter (JSON value)")
     m.add_argument("--rank", type=int, help="LoRA rank r")
     m.add_argument("--alpha", type=float, help="LoRA alpha")
@@ -671,6 +684,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     from adapters.backbone import load_backbone
 
+    if getattr(args, "hypernetwork", None):
+        from adapters.train_hyper_cli import run_train_task
+
+        return run_train_task(args)
+    if args.method is None:
+        print("adapterserve train: give --method (or --hypernetwork NAME_OR_DIR)", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.method != FULL and not args.out and not args.upload:

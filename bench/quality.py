@@ -1,0 +1,255 @@
+"""The quality table: every adapter method against full fine-tuning on GLUE dev sets, one budget per task.
+
+    python bench/quality.py [--tasks SST-2,MRPC,RTE,STS-B] [--methods full,bottleneck,...]
+        [--train-examples 1000] [--epochs 2] [--epochs-for RTE=6] [--max-length 64] [--threads 1]
+        [--out docs/results.md] [--json results.json]
+
+Each row trains one method on the frozen bundled MiniLM-L6 (or, for `full`, fine-tunes all of it)
+with `adapters.train.train`: the same seeded training subset, length, batch size, epochs and seed
+for every row of a task, each method at its own default learning rate (`DEFAULT_LR`). The score is
+the best per-epoch dev score (the checkpoint the trainer keeps), evaluated through the serving
+forward. Every finished row is written at once, so an interrupted run leaves a table labelled
+partial. One JSON line per row goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # run as a script: import from the repository root, not bench/ (whose http.py would shadow the stdlib's)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import emit, environment, log, setup
+
+__all__ = ["METHODS", "ROW_NAMES", "TASKS", "main", "render"]
+
+TASKS = ("SST-2", "MRPC", "RTE", "STS-B")
+METHODS = ("full", "bottleneck", "parallel", "lora", "prefix", "compacter", "tiny_attention")
+ROW_NAMES = {
+    "full": "full fine-tuning",
+    "bottleneck": "Houlsby (bottleneck 32, attn+FFN)",
+    "parallel": "scaled parallel (64, FFN, s=4)",
+    "lora": "LoRA (r=8, q+v)",
+    "prefix": "prefix tuning (16)",
+    "compacter": "Compacter (48, n=4)",
+    "tiny_attention": "tiny-attention (E=8)",
+    "ia3": "IA3",
+    "mam": "MAM (prefix 16 + parallel 16)",
+    "mh_parallel": "MH parallel (4 per head)",
+    "layernorm": "LayerNorm only",
+}
+"""Row labels: each method with the default hyperparameters (`METHOD_DEFAULTS`) it trains with."""
+
+
+def _fmt(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _metric_cell(scores: dict, metrics: tuple[str, ...]) -> str:
+    if not scores:
+        return "-"
+    parts = [_fmt(scores[m]) for m in metrics if m in scores]
+    return " / ".join(parts)
+
+
+def render(*, rows: list[dict], config: dict, complete: bool) -> str:
+    """The markdown of docs/results.md from the rows measured so far."""
+    from adapters.data import GLUE_TASKS
+
+    out = ["# Quality: adapter methods against full fine-tuning (GLUE dev, MiniLM-L6)", ""]
+    if not complete:
+        out += ["**Partial table**: the run stopped before every row was measured.", ""]
+    out += [
+        "Produced by `bench/quality.py`; the exact command:",
+        "",
+        "```",
+        config["command"],
+        "```",
+        "",
+        "Budget, the same for every row of a task: "
+        f"a seeded random subset of {config['train_examples']} training examples (all of them when the task "
+        f"has fewer), max length {config['max_length']} tokens, batch size {config['batch_size']}, "
+        f"{config['epochs']} epochs ({_epochs_note(config)}), linear warm-up over "
+        f"{int(100 * config['warmup'])}% of the steps then linear decay, seed {config['seed']}, "
+        "each method at its default learning rate (`adapters.train.DEFAULT_LR`). "
+        "The score is the best dev score over the per-epoch evaluations (the checkpoint the trainer keeps), "
+        "computed through the serving forward on the full dev set. Trainable % counts the adapter and the "
+        "head against the backbone's 22.7M parameters. "
+        f"Ran on {config['env']['cpus']} shared CPU cores, {config['env']['threads']} torch thread(s), "
+        f"torch {config['env']['torch']}, {config['started']}.",
+        "",
+    ]
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    summary = []
+    for task in config["tasks"]:
+        spec = GLUE_TASKS[task]
+        metric_names = " / ".join(spec.metrics)
+        task_rows = by_task.get(task, [])
+        out += [f"## {task}", ""]
+        if not task_rows:
+            out += ["(not measured)", ""]
+            continue
+        first = task_rows[0]
+        out += [
+            f"{first['train_examples']} training examples, {first['epochs']} epochs, {first['steps']} steps "
+            f"per row. Metric: {metric_names} (score = their mean, as GLUE averages them).",
+            "",
+            f"| method | trainable % | {metric_names} | score | vs full | seconds |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        base = first["baseline"]
+        base_name = "mean prediction" if spec.regression else "majority class"
+        out.append(
+            f"| *{base_name} baseline* | 0 | {_metric_cell(base, spec.metrics)} | {_fmt(base['score'])} | | |"
+        )
+        full = next((r for r in task_rows if r["method"] == "full"), None)
+        for r in task_rows:
+            gap = (
+                ""
+                if full is None or r["method"] == "full"
+                else f"{100 * (r['dev']['score'] - full['dev']['score']):+.1f}"
+            )
+            out.append(
+                f"| {ROW_NAMES.get(r['method'], r['method'])} | {r['trainable_percent']:.3f} | "
+                f"{_metric_cell(r['dev'], spec.metrics)} | {_fmt(r['dev']['score'])} | {gap} | {r['seconds']:.0f} |"
+            )
+            if full is not None:
+                summary.append((r["method"], task, r["dev"]["score"] - full["dev"]["score"]))
+        out.append("")
+    out += _summary(summary, config=config)
+    return "\n".join(out) + "\n"
+
+
+def _epochs_note(config: dict) -> str:
+    special = config.get("epochs_for") or {}
+    if not special:
+        return "every task"
+    return "except " + ", ".join(f"{t}: {e} epochs" for t, e in special.items())
+
+
+def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
+    methods = [m for m in config["methods"] if m != "full" and any(g[0] == m for g in gaps)]
+    if not methods:
+        return []
+    out = [
+        "## Against full fine-tuning",
+        "",
+        "Mean score difference to full fine-tuning over the tasks measured (points; negative: worse).",
+        "",
+        "| method | tasks | mean vs full | worst task |",
+        "|---|---:|---:|---|",
+    ]
+    for m in methods:
+        mine = [(t, d) for mm, t, d in gaps if mm == m]
+        mean = sum(d for _, d in mine) / len(mine)
+        worst = min(mine, key=lambda x: x[1])
+        out.append(
+            f"| {ROW_NAMES.get(m, m)} | {len(mine)} | {100 * mean:+.1f} | {worst[0]} ({100 * worst[1]:+.1f}) |"
+        )
+    out.append("")
+    return out
+
+
+def _parse_epochs_for(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--epochs-for expects TASK=EPOCHS, got {item!r}")
+        out[task] = float(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train every (task, method) row and (re)write the table after each one."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--train-examples", type=int, default=1000)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs-for", action="append", default=[], metavar="TASK=EPOCHS")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=0.06)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--glue-dir", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    p.add_argument("--json", type=Path, help="also write every row as JSON here")
+    args = p.parse_args(argv)
+    setup(threads=args.threads, seed=args.seed)
+
+    from adapters.backbone import load_backbone
+    from adapters.data import load_glue
+    from adapters.train import TrainOptions, train
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    epochs_for = _parse_epochs_for(args.epochs_for)
+    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    config = {
+        "command": command.strip(),
+        "tasks": tasks,
+        "methods": methods,
+        "train_examples": args.train_examples,
+        "epochs": args.epochs,
+        "epochs_for": epochs_for,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "env": environment(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    rows: list[dict] = []
+    for task_name in tasks:
+        task = load_glue(task_name, root=args.glue_dir)
+        epochs = epochs_for.get(task_name, args.epochs)
+        for method in methods:
+            opts = TrainOptions(
+                epochs=epochs,
+                batch_size=args.batch_size,
+                warmup=args.warmup,
+                seed=args.seed,
+                max_train_examples=args.train_examples,
+                max_length=args.max_length,
+                progress=False,
+            )
+            log(f"{task_name} {method}: training")
+            # a fresh backbone per row: training wraps its projections, and `full` changes its weights
+            backbone = load_backbone(device="cpu", dtype="float32")
+            result = train(backbone, task, method=method, options=opts)
+            row = {
+                "task": task_name,
+                "method": method,
+                "dev": result.dev,
+                "baseline": result.baseline,
+                "trainable_params": result.trainable_params,
+                "trainable_percent": result.trainable_percent,
+                "steps": result.steps,
+                "epochs": epochs,
+                "train_examples": result.train_examples,
+                "seconds": result.seconds,
+                "history": result.history,
+            }
+            rows.append(row)
+            emit({k: v for k, v in row.items() if k != "history"})
+            log(
+                f"{task_name} {method}: dev {result.dev.get('score', float('nan')):.4f} in {result.seconds:.0f}s"
+            )
+            args.out.write_text(render(rows=rows, config=config, complete=False), encoding="utf-8")
+            if args.json:
+                args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1), encoding="utf-8")
+    args.out.write_text(render(rows=rows, config=config, complete=True), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
