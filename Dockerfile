@@ -10,16 +10,15 @@ FROM ${PYTHON_IMAGE} AS build
 # cpu, or the CUDA build of the PyTorch wheel index (cu126, cu128, ...); the wheels carry CUDA itself
 ARG TORCH_VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY scripts/install.sh scripts/install.sh
 COPY pyproject.toml README.md ./
 COPY adapters adapters
 COPY store store
 COPY service service
-RUN TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}" scripts/install.sh /opt/venv \
- && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+# pip's compiled bytecode stays: the runtime user cannot write it, and torch imports fast with it
+RUN TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}" scripts/install.sh /opt/venv
 
 # -- runtime: the interpreter, the virtual environment and nothing else ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -37,6 +36,7 @@ COPY --from=build /opt/venv /opt/venv
 # (compose does) unless it is meant to be reachable. dtype auto is bfloat16 on a GPU.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     ADAPTERSERVE_HOST=0.0.0.0 \
     ADAPTERSERVE_PORT=8000 \

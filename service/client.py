@@ -245,10 +245,15 @@ def _memory_files(config: Mapping[str, Any] | bytes, tensors: Mapping[str, Any])
     """Multipart parts from a config and tensors (numpy arrays or torch tensors) held in memory."""
     config_bytes = config if isinstance(config, bytes) else json.dumps(config).encode()
     if any(type(t).__module__.startswith("torch") for t in tensors.values()):
+        import torch
         from safetensors.torch import save
+
+        # one serializer for all: numpy arrays among torch tensors become tensors (no copy)
+        weights = save({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()})
     else:
         from safetensors.numpy import save
-    weights = save(dict(tensors))
+
+        weights = save(dict(tensors))
 
     def files(stack: contextlib.ExitStack) -> dict[str, Any]:
         return {
