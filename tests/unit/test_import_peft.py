@@ -12,6 +12,7 @@ import json
 import pickle
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class Case:
     """One PEFT configuration; `classifier` builds a BertForSequenceClassification with a saved head."""
 
     id: str
-    make: object
+    make: Callable[[], object]
     method: str
     classifier: bool = False
 
