@@ -234,6 +234,7 @@ class DeviceSlots:
         """Make every adapter resident (evicting least recently used ones) and return their slots."""
         needed = {a.key for a in adapters}
         out: dict[Key, int] = {}
+        misses: list[Adapter] = []
         for a in adapters:
             with self._lock:
                 slot = self._slots.get(a.key)
@@ -247,15 +248,22 @@ class DeviceSlots:
                 out[a.key] = slot
                 continue
             self.m.cache_misses.inc()
-            out[a.key] = self._load(a, needed)
+            misses.append(a)
+        # Generated misses of one hypernetwork are generated together: one batched forward.
+        groups: dict[int, list[Adapter]] = {}
+        for a in misses:
+            groups.setdefault(id(a.hypernetwork) if a.hypernetwork is not None else id(a), []).append(a)
+        for group in groups.values():
+            out |= self._load(group, needed)
         return out
 
-    def _load(self, adapter: Adapter, needed: set[Key]) -> int:
+    def _take_slot(self, adapter: Adapter, needed: set[Key], *, reserved: int) -> int:
+        """A free slot with room for the adapter (beyond `reserved` bytes), evicting LRU ones."""
         if adapter.nbytes > self.budget:
             raise SlotsExhausted(
                 f"adapter {adapter.task!r} needs {adapter.nbytes} bytes; the device cache holds {self.budget}"
             )
-        while not self._free or self.bytes + adapter.nbytes > self.budget:
+        while not self._free or self.bytes + reserved + adapter.nbytes > self.budget:
             with self._lock:
                 victim = next((k for k in self._slots if k not in needed and k not in self._pinned), None)
             if victim is None:
@@ -264,26 +272,42 @@ class DeviceSlots:
                     "raise ADAPTERSERVE_SLOTS or ADAPTERSERVE_CACHE_BYTES, or unpin a task"
                 )
             self.evict(victim)
-        slot = self._free.pop()
-        generated = adapter.hypernetwork is not None
+        return self._free.pop()
+
+    def _load(self, group: list[Adapter], needed: set[Key]) -> dict[Key, int]:
+        """Load adapters into free slots: copied, or generated (several at once from one hypernetwork)."""
+        slots: list[int] = []
+        net = group[0].hypernetwork
         started = time.perf_counter()
         try:
-            self.model.load(slot, adapter.config, adapter.tensors, hypernetwork=adapter.hypernetwork)
+            for a in group:
+                slots.append(self._take_slot(a, needed, reserved=sum(b.nbytes for b in group[: len(slots)])))
+            if len(group) > 1:
+                self.model.load_generated(
+                    [(s, a.config, a.tensors) for s, a in zip(slots, group, strict=True)], net
+                )
+            else:
+                self.model.load(slots[0], group[0].config, group[0].tensors, hypernetwork=net)
         except BaseException:
-            self._free.append(slot)
-            if generated:
-                self.m.adapter_loads.labels(source="hypernetwork", result="error").inc()
+            for slot in slots:
+                self.model.evict(slot)
+                self._free.append(slot)
+            if net is not None:
+                self.m.adapter_loads.labels(source="hypernetwork", result="error").inc(len(group))
             raise
-        if generated:
-            self.m.adapter_loads.labels(source="hypernetwork", result="ok").inc()
-            self.m.adapter_load_duration.labels(source="hypernetwork").observe(time.perf_counter() - started)
+        if net is not None:
+            per_task = (time.perf_counter() - started) / len(group)
+            for _ in group:
+                self.m.adapter_loads.labels(source="hypernetwork", result="ok").inc()
+                self.m.adapter_load_duration.labels(source="hypernetwork").observe(per_task)
         with self._lock:
-            self._slots[adapter.key] = slot
-            self._bytes[adapter.key] = adapter.nbytes
-            self._nets[adapter.key] = adapter.hypernetwork
-            self.bytes += adapter.nbytes
+            for slot, a in zip(slots, group, strict=True):
+                self._slots[a.key] = slot
+                self._bytes[a.key] = a.nbytes
+                self._nets[a.key] = a.hypernetwork
+                self.bytes += a.nbytes
         self._publish()
-        return slot
+        return {a.key: slot for slot, a in zip(slots, group, strict=True)}
 
     def evict(self, key: Key) -> bool:
         """Free the slot of a key; False when it was not resident."""

@@ -136,7 +136,7 @@ async def predict(client, task: str) -> list[dict]:
     return r.json()["outputs"]
 
 
-async def test_generated_tasks_serve_mix_evict_and_regenerate(running, artifacts):
+async def test_generated_tasks_serve_mix_evict_and_regenerate(running, artifacts, monkeypatch):
     # 3 slots = 2 usable: the third task evicts the least recently used one
     async with running(slots=3) as (app, client):
         spec = app.state.service.backbone.spec
@@ -199,6 +199,28 @@ async def test_generated_tasks_serve_mix_evict_and_regenerate(running, artifacts
         assert again == first
         for name in ("ta", "tb"):
             assert_outputs_close(again[name], want[name])
+
+        # both generated tasks missing in one batch: generated together, in one hypernetwork forward
+        svc = app.state.service
+        calls: list[int] = []
+        real = svc.model.load_generated
+
+        def spy(items, net):
+            calls.append(len(items))
+            return real(items, net)
+
+        monkeypatch.setattr(svc.model, "load_generated", spy)
+        await svc.engine.call(svc.device_slots.evict_where, svc.device_slots.resident_keys())
+        leases = [svc.registry.lease(n) for n in ("ta", "tb")]
+        try:
+            held = [await svc.registry.ready(lease) for lease in leases]
+            await svc.engine.call(svc.device_slots.assign, held)
+        finally:
+            for lease in leases:
+                svc.registry.release(lease)
+        assert calls == [2]
+        for name in ("ta", "tb"):
+            assert_outputs_close(await predict(client, name), want[name])
 
 
 async def test_a_new_hypernetwork_version_regenerates_its_tasks(running, artifacts):
