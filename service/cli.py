@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     from adapters.train import add_train_parser
 
     add_train_parser(sub)
+    from adapters.train_hyper_cli import add_train_hyper_parser
+
+    add_train_hyper_parser(sub)
     add_import_parser(sub)
     return parser
 

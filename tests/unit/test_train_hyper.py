@@ -1,0 +1,163 @@
+"""Hypernetwork training on a tiny BERT: multi-task learning, artifacts, and new-task-only training."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from adapters.backbone import Backbone
+from adapters.data import Example, TaskData
+from adapters.model import BankConfig, MultiTaskModel
+from adapters.train import TrainOptions
+from adapters.train_hyper import (
+    load_hypernetwork,
+    train_hyper,
+    train_task_embedding,
+    write_hyper_artifacts,
+)
+from store.artifact import expected_tensors, parse_config
+from store.safetensors_io import SafetensorsLimits, load_arrays
+
+WORDS = ["the", "movie", "plot", "actor", "good", "bad", "not", "very", "fun", "long", "music", "it", "was"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+HYPER = {
+    "bottleneck_dim": 8,
+    "task_embedding_dim": 8,
+    "layer_embedding_dim": 8,
+    "site_embedding_dim": 4,
+    "hidden_dim": 32,
+    "projected_dim": 16,
+}
+
+
+def _backbone() -> Backbone:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)})
+    return Backbone.from_model(BertModel(cfg).eval(), tokenizer=tok, name="tiny-bert")
+
+
+def _task(name: str, word: str, *, seed: int, n: int = 320) -> TaskData:
+    """A synthetic task: is `word` in the sentence? (Balanced; learnable from any token.)"""
+    rng = random.Random(seed)
+    others = [w for w in WORDS if w != word]
+
+    def example(i: int) -> Example:
+        words = rng.choices(others, k=rng.randint(3, 7))
+        if i % 2:
+            words.insert(rng.randrange(len(words) + 1), word)
+        return Example(" ".join(words), "yes" if i % 2 else "no")
+
+    data = [example(i) for i in range(n)]
+    return TaskData(name, data[: n - 64], data[n - 64 :], "classification", ["no", "yes"], ("accuracy",))
+
+
+def _regression(seed: int, n: int = 256) -> TaskData:
+    """A synthetic regression: the number of times 'very' occurs."""
+    rng = random.Random(seed)
+    data = []
+    for _ in range(n):
+        k = rng.randint(0, 3)
+        words = rng.choices(WORDS[:5], k=4) + ["very"] * k
+        rng.shuffle(words)
+        data.append(Example(" ".join(words), str(float(k))))
+    return TaskData("count", data[: n - 64], data[n - 64 :], "regression", [], ("pearson", "spearman"))
+
+
+OPTS = TrainOptions(
+    steps=240, batch_size=16, lr=3e-3, eval_every=80, max_length=16, dropout=False, progress=False, seed=0
+)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    backbone = _backbone()
+    tasks = [_task("good", "good", seed=1), _task("fun", "fun", seed=2), _regression(seed=3)]
+    result = train_hyper(backbone, tasks, name="tiny", hyper=HYPER, options=OPTS, temperature=2.0)
+    return backbone, tasks, result
+
+
+def test_multi_task_training_learns_every_task(trained):
+    _, _, result = trained
+    history = result.history
+    assert [h["step"] for h in history] == [80, 160, 240]
+    # mean training loss per evaluation window, all tasks mixed
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    dev = {t.name: t.dev for t in result.tasks}
+    assert dev["good"]["accuracy"] >= 0.9 and dev["fun"]["accuracy"] >= 0.9
+    assert dev["count"]["pearson"] >= 0.8
+    # the mean over tasks of the kept checkpoint is the best one seen
+    assert result.mean_score == pytest.approx(max(h["score"] for h in history), abs=1e-6)
+
+
+def test_artifacts_round_trip_and_serve_what_was_evaluated(trained, tmp_path):
+    backbone, tasks, result = trained
+    root = write_hyper_artifacts(tmp_path / "out", result, name="tiny")
+    assert sorted(p.name for p in root.iterdir()) == ["count", "fun", "good", "hypernetworks"]
+    name, net = load_hypernetwork(root / "hypernetworks" / "tiny", backbone=backbone)
+    assert name == "tiny" and net.config.variant == "hyperformer++"
+    cfg = parse_config((root / "good" / "adapter_config.json").read_bytes())
+    assert cfg.method == "hyperformer" and cfg.hypernetwork == "tiny"
+    arrays = load_arrays(root / "good" / "adapter.safetensors", limits=SafetensorsLimits())
+    assert {k: tuple(v.shape) for k, v in arrays.items()} == expected_tensors(cfg, backbone.spec)
+    assert json.loads((root / "good" / "adapter_config.json").read_text())["metadata"]["dev_accuracy"] >= 0.9
+    # the served model (slot banks, generated on load) answers as the trainer evaluated
+    model = MultiTaskModel(_backbone(), banks=BankConfig(slots=4))
+    model.load(1, cfg, {k: torch.from_numpy(v) for k, v in arrays.items()}, hypernetwork=net)
+    tok = model.backbone.tokenizer
+    dev = tasks[0].dev
+    enc = tok([e.text for e in dev], padding=True, return_tensors="pt")
+    logits = model.classify(enc["input_ids"], enc["attention_mask"], [1] * len(dev)).logits[:, :2]
+    acc = sum(int(p) == (e.label == "yes") for p, e in zip(logits.argmax(-1), dev, strict=True)) / len(dev)
+    assert acc == pytest.approx(result.tasks[0].dev["accuracy"], abs=1 / len(dev))
+
+
+def test_new_task_trains_only_its_embedding_and_head(trained):
+    _, _, result = trained
+    backbone = _backbone()  # each run wraps its own backbone
+    _, net = load_hypernetwork_from(result, backbone)
+    frozen = {k: v.clone() for k, v in net.state_tensors().items()}
+    # wrapping renames the backbone's parameters, so they are tracked by identity
+    base = {id(p): p.detach().clone() for p in backbone.model.parameters()}
+    new = _task("bad", "bad", seed=4)
+    opts = TrainOptions(steps=120, batch_size=16, lr=3e-2, eval_every=60, max_length=16, progress=False)
+    task = train_task_embedding(backbone, new, hypernetwork=net, name="tiny", options=opts)
+    assert set(task.tensors) == {"task_embedding", "head.out.weight", "head.out.bias"}
+    assert task.tensors["task_embedding"].shape == (HYPER["task_embedding_dim"],)
+    for k, v in net.state_tensors().items():
+        assert torch.equal(v, frozen[k]), k
+    after = list(backbone.model.parameters())
+    assert {id(p) for p in after} == set(base)
+    assert all(torch.equal(p, base[id(p)]) and p.grad is None for p in after)
+    assert task.config.hypernetwork == "tiny"
+    assert task.dev["accuracy"] >= 0.85
+
+
+def load_hypernetwork_from(result, backbone):
+    """The trained hypernetwork as serving builds it (frozen, from its artifact tensors)."""
+    from adapters.hypernet import Hypernetwork
+
+    return "tiny", Hypernetwork.from_tensors(result.config, result.tensors, backbone.spec)
+
+
+def test_command_line_registers_both_entry_points():
+    from service.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train-hyper", "--glue", "SST-2,MRPC", "--out", "o", "--temperature", "2", "--steps", "5"]
+    )
+    assert args.func.__name__ == "run_train_hyper" and args.temperature == 2.0
+    args = parser.parse_args(["train", "--hypernetwork", "glue", "--glue", "RTE", "--out", "o"])
+    assert args.hypernetwork == "glue" and args.method is None
