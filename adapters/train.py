@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear
-from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
+from adapters.data import Batches, Dataset, Example, TaskData, baseline_metrics, compute_metrics, tokenize
 from adapters.heads import decode_row
 from adapters.methods import get_method
 from adapters.methods.base import is_norm_tensor
@@ -499,6 +499,7 @@ def train(
         else:
             served = evaluate(model, config, final, dev, metrics=task.metrics) if len(dev_data) else {}
         meta = _metadata(task, method=method, opts=opts, lr=lr, steps=step, n=len(train_data), dev=served)
+        meta |= {f"baseline_{k}": round(v, 6) for k, v in base.items()}
         result.config = config.model_copy(update={"metadata": meta})
         result.tensors = final
         result.dev = served
@@ -609,6 +610,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--label-column", default="label", help="column of the label or target")
     data.add_argument("--no-header", action="store_true", help="the CSV/TSV files have no header row")
     data.add_argument(
+        "--label-names",
+        metavar="NAME,...",
+        help="names the head gives the task's labels, in their order (e.g. negative,positive for SST-2's 0,1)",
+    )
+    data.add_argument(
         "--task-type",
         choices=("auto", "classification", "regression"),
         default="auto",
@@ -657,11 +663,30 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _renamed(task: TaskData, names: str | None) -> TaskData:
+    """The task with its labels renamed in order (`--label-names`)."""
+    if not names:
+        return task
+    new = [n.strip() for n in names.split(",")]
+    if task.kind == "regression":
+        raise ValueError("--label-names is for classification; this task is a regression")
+    if len(new) != len(task.labels) or len(set(new)) != len(new) or not all(new):
+        raise ValueError(
+            f"--label-names needs {len(task.labels)} distinct names for the labels {task.labels}"
+        )
+    rename = dict(zip(task.labels, new, strict=True))
+
+    def move(examples: list[Example]) -> list[Example]:
+        return [dataclasses.replace(e, label=rename[e.label]) for e in examples]
+
+    return dataclasses.replace(task, train=move(task.train), dev=move(task.dev), labels=new)
+
+
 def _task_data(args: argparse.Namespace) -> TaskData:
     from adapters.data import infer_task, load_glue, read_examples
 
     if args.glue:
-        return load_glue(args.glue, root=args.glue_dir)
+        return _renamed(load_glue(args.glue, root=args.glue_dir), args.label_names)
     cols = {
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
@@ -675,7 +700,7 @@ def _task_data(args: argparse.Namespace) -> TaskData:
     if kind != "regression" and len(labels) == 2:
         metrics = ("accuracy", "f1", "matthews")
     name = args.task or args.train_file.stem
-    return TaskData(name, train_ex, dev_ex, kind, labels, metrics)
+    return _renamed(TaskData(name, train_ex, dev_ex, kind, labels, metrics), args.label_names)
 
 
 def run_train(args: argparse.Namespace) -> int:

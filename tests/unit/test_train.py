@@ -282,10 +282,13 @@ def test_cli_trains_from_csv(tmp_path: Path, model_dir: Path, capsys) -> None:
     argv += ["--label-column", "sentiment", "--method", "lora", "--rank", "4"]
     argv += ["--steps", "80", "--lr", "1e-2", "--batch-size", "32"]
     argv += ["--backbone", str(model_dir), "--out", str(out), "--no-progress", "--task", "reviews"]
+    argv += ["--label-names", "neg,pos"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     config = parse_config((out / "adapter_config.json").read_bytes())
-    assert config.r == 4 and list(config.head.labels) == ["negative", "positive"]
+    # the CSV's labels sort to negative, positive; --label-names renames them in that order
+    assert config.r == 4 and list(config.head.labels) == ["neg", "pos"]
+    assert config.metadata["baseline_accuracy"] < 0.7
     assert config.backbone_fingerprint == load_backbone(model_dir, device="cpu").spec.fingerprint
     assert config.metadata["task"] == "reviews" and config.metadata["dev_metric"] == "accuracy+f1+matthews"
     assert report["dev"]["accuracy"] == pytest.approx(config.metadata["dev_accuracy"], abs=1e-6)
@@ -317,6 +320,24 @@ def test_cli_trains_regression_pairs_from_jsonl(tmp_path: Path, model_dir: Path,
     config = parse_config((out / "adapter_config.json").read_bytes())
     assert config.head.type == "regression" and config.bottleneck_dim == 8
     assert set(report["dev"]) == {"pearson", "spearman", "score"}
+
+
+def test_cli_refuses_bad_label_names(tmp_path: Path, model_dir: Path, capsys) -> None:
+    """--label-names must name every label once."""
+    train_csv = _write_csv(tmp_path / "train.csv", sentiment(8, seed=1))
+    argv = ["--train-file", str(train_csv), "--text-column", "review", "--label-column", "sentiment"]
+    argv += [
+        "--method",
+        "lora",
+        "--backbone",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--label-names",
+        "x",
+    ]
+    assert main(argv) == 2
+    assert "2 distinct names" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_run_without_output(tmp_path: Path, model_dir: Path, capsys) -> None:
