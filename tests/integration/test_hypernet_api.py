@@ -294,3 +294,16 @@ async def test_error_codes(running, artifacts):
         r = await client.post("/v1/adapters/h", files=hyper_parts(good), headers=admin())
         assert r.status_code == 422 and "/v1/hypernetworks/" in r.json()["error"]["message"]
         assert (await client.get("/v1/adapters", headers=admin())).json() == {"adapters": []}
+
+
+async def test_seed_directory_seeds_hypernetworks_before_their_tasks(running, artifacts, tmp_path):
+    spec = tiny_backbone().spec
+    cfg = hyper_config(spec.fingerprint)
+    seed = tmp_path / "seed"
+    hyper = write_hyper(seed / "hypernetworks", "shared", cfg, hyper_arrays(cfg, spec, seed=0))
+    # "a-task" sorts before "hypernetworks": the order of directories must not matter
+    task = task_dir(seed, "a-task", spec, seed=0)
+    async with running(seed_dir=seed) as (_app, client):
+        assert_outputs_close(await predict(client, "a-task"), generated_outputs(hyper, task, TEXTS))
+        listed = (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"]
+        assert [h["name"] for h in listed] == ["shared"]
