@@ -234,9 +234,7 @@ def markdown_table() -> str:
     for name, field in Settings.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
         variable = f"`ADAPTERSERVE_{name.upper()}`"
-        lines.append(
-            f"| {variable} | {_type_of(field.annotation)} | {_default_of(field)} | {description} |"
-        )
+        lines.append(f"| {variable} | {_type_of(field.annotation)} | {_default_of(field)} | {description} |")
     return "\n".join(lines) + "\n"
 
 
