@@ -11,14 +11,17 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}"
 WORKDIR /src
 COPY scripts/install.sh scripts/install.sh
+# torch in a layer of its own: editing the sources does not download it again
+RUN scripts/install.sh /opt/venv --torch-only
 COPY pyproject.toml README.md ./
 COPY adapters adapters
 COPY store store
 COPY service service
 # pip's compiled bytecode stays: the runtime user cannot write it, and torch imports fast with it
-RUN TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}" scripts/install.sh /opt/venv
+RUN scripts/install.sh /opt/venv
 
 # -- runtime: the interpreter, the virtual environment and nothing else ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -3,11 +3,12 @@
 #
 # The one install procedure: `make install` (and so CI) and the Dockerfile both run it.
 #
-#   scripts/install.sh VENV [--test] [--editable]
+#   scripts/install.sh VENV [--test] [--editable] [--torch-only]
 #
 #   VENV        virtual environment to install into (created with $PYTHON when missing)
 #   --test      also install the test extra (pytest, peft, ruff, ...)
 #   --editable  install the project in development mode (`pip install -e`)
+#   --torch-only  stop after torch (an image build caches that layer apart from the sources)
 #
 # Environment:
 #   PYTHON           interpreter that creates VENV (default: python3)
@@ -18,16 +19,18 @@ set -euo pipefail
 
 TORCH_VERSION=2.13.0  # keep equal to the pin in pyproject.toml (tests/unit/test_deploy.py checks)
 
-usage() { echo "usage: $0 VENV [--test] [--editable]" >&2; exit 2; }
+usage() { echo "usage: $0 VENV [--test] [--editable] [--torch-only]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 venv=$1
 shift
 extra=""
 mode=()
+torch_only=""
 for arg in "$@"; do
   case $arg in
     --test) extra="[test]" ;;
     --editable) mode=(-e) ;;
+    --torch-only) torch_only=1 ;;
     *) usage ;;
   esac
 done
@@ -43,4 +46,5 @@ if [[ -n ${TORCH_INDEX_URL:-} ]]; then
 else
   "${pip[@]}" "torch==$TORCH_VERSION"
 fi
+[[ -z $torch_only ]] || exit 0
 "${pip[@]}" "${mode[@]}" "$root$extra"

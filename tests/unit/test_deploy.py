@@ -136,11 +136,14 @@ def test_the_image_installs_with_the_script_ci_runs():
     build, runtime = stages()["build"], stages()["runtime"]
     runs = [shlex.split(args.replace("&&", " && ")) for op, args in build if op == "RUN"]
     invocations = [cmd[cmd.index("scripts/install.sh") :] for cmd in runs if "scripts/install.sh" in cmd]
-    assert len(invocations) == 1
-    # the runtime gets no test extra and is installed non-editable, into the venv it copies
-    assert invocations[0][1] == "/opt/venv" and not {"--test", "--editable"} & set(invocations[0])
+    # torch first in a layer of its own, then the whole install: both into the venv the runtime copies
+    assert invocations == [
+        ["scripts/install.sh", "/opt/venv", "--torch-only"],
+        ["scripts/install.sh", "/opt/venv"],
+    ]
     assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
-    assert not any(op == "RUN" and "pip" in args for op, args in runtime)
+    # the runtime gets no test extra, nothing editable, and installs nothing itself
+    assert not any(op == "RUN" and ("pip" in args or "install.sh" in args) for op, args in runtime)
     makefile = (REPO / "Makefile").read_text()
     install = re.search(r"^install:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert "scripts/install.sh $(VENV) --test --editable" in install
