@@ -191,6 +191,6 @@ def test_readme_settings_table_is_generated_from_the_settings_class():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index(TABLE_START) + len(TABLE_START) : readme.index(TABLE_END)].strip("\n") + "\n"
     assert table == markdown_table(), "run `python -m service.settings --update README.md`"
-    rows = [line for line in table.splitlines()[2:]]
+    rows = table.splitlines()[2:]
     assert len(rows) == len(Settings.model_fields)
     assert all(field.description for field in Settings.model_fields.values())
