@@ -118,19 +118,20 @@ def sentiment_task(n_train: int = 512) -> TaskData:
 
 FAST = {"batch_size": 32, "max_length": 16, "progress": False}
 # Tiny random backbones need steps larger than MiniLM's defaults to converge in a few hundred steps.
-LR = dict.fromkeys(("bottleneck", "compacter", "ia3", "mh_parallel", "prefix"), 3e-2)
+LR = dict.fromkeys(("bottleneck", "compacter", "ia3", "layernorm", "mh_parallel", "prefix"), 3e-2)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_learns_a_separable_task(method: str) -> None:
-    """Loss falls, dev accuracy reaches 95% within 100 steps, and the adapter itself changes outputs."""
+    """Loss falls, dev accuracy reaches 95% within 80 steps, and the adapter itself changes outputs."""
     bb = backbone()
-    opts = TrainOptions(steps=100, eval_every=25, lr=LR.get(method, 1e-2), seed=0, **FAST)
+    opts = TrainOptions(steps=80, eval_every=40, lr=LR.get(method, 1e-2), seed=0, **FAST)
     result = train(bb, sentiment_task(256), method=method, options=opts)
     losses = [h["loss"] for h in result.history]
-    assert losses[-1] < 0.75 * losses[0], losses
+    # from chance (ln 2 = 0.69 for two balanced classes) to well below it
+    assert losses[-1] < losses[0] and losses[-1] < 0.4, losses
     assert result.dev["accuracy"] >= 0.95, result.history
-    assert result.steps == 100 and result.config.metadata["dev_accuracy"] == pytest.approx(
+    assert result.steps == 80 and result.config.metadata["dev_accuracy"] == pytest.approx(
         result.dev["accuracy"]
     )
     # the head alone does not explain the accuracy: with the adapter replaced by its identity the
@@ -168,7 +169,7 @@ def test_regression_target() -> None:
     kind, labels = infer_task([e.label for e in train_ex])
     assert (kind, labels) == ("regression", [])
     task = TaskData("pairs", train_ex, dev_ex, kind, labels, ("pearson", "spearman"))
-    result = train(backbone(), task, method="lora", options=TrainOptions(steps=160, lr=1e-2, **FAST))
+    result = train(backbone(), task, method="lora", options=TrainOptions(steps=100, lr=1e-2, **FAST))
     assert result.config.head.type == "regression"
     assert result.dev["pearson"] > 0.9, result.history
     assert result.baseline["pearson"] == 0.0  # a constant prediction has no correlation
