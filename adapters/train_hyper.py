@@ -34,7 +34,8 @@ from adapters.hypernet import Hypernetwork
 from adapters.methods.base import common_entries
 from adapters.model import BankConfig, MultiTaskModel
 from adapters.train import TrainOptions, write_artifact
-from store.artifact import expected_tensors, hypernetwork_tensors, parse_config
+from store.artifact import HypernetworkConfig, expected_tensors, hypernetwork_tensors, parse_config
+from store.base import is_valid_name
 from store.safetensors_io import SafetensorsLimits, load_arrays, write_safetensors
 
 __all__ = [
@@ -481,13 +482,14 @@ def load_hypernetwork(source: str | Path, *, backbone: Backbone) -> tuple[str, H
         from store.local import LocalStore
 
         name = str(source)
-        store = Path(os.environ.get("ADAPTERSERVE_STORE", "~/.adapterserve/store")).expanduser()
+        default = Path.home() / ".local" / "share" / "adapterserve" / "store"  # Settings.store's default
+        store = Path(os.environ.get("ADAPTERSERVE_STORE", default)).expanduser()
         path = Path(__file__).resolve().parents[1] / "examples" / "hypernetworks" / name
-        if (store / "hypernetworks" / name).is_dir():
+        if is_valid_name(name) and (store / "hypernetworks" / name).is_dir():
             art = LocalStore(store).get("hypernetworks", name)
             config_bytes, weights = art.config_bytes, art.weights_path
             return name, _build(config_bytes, weights, backbone)
-        if not (path / CONFIG_FILE).is_file():
+        if not is_valid_name(name) or not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"no hypernetwork {name!r}: not a directory, not in {store}, not in examples/"
             )
@@ -496,6 +498,8 @@ def load_hypernetwork(source: str | Path, *, backbone: Backbone) -> tuple[str, H
 
 def _build(config_bytes: bytes, weights: Path, backbone: Backbone) -> Hypernetwork:
     config = parse_config(config_bytes)
+    if not isinstance(config, HypernetworkConfig):
+        raise ValueError(f"{CONFIG_FILE} describes a {config.method!r} adapter, not a hypernetwork")
     expected = expected_tensors(config, backbone.spec)
     arrays = load_arrays(weights, limits=SafetensorsLimits(), names=list(expected))
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}

@@ -101,12 +101,34 @@ def test_multi_task_training_learns_every_task(trained):
     assert result.mean_score == pytest.approx(max(h["score"] for h in history), abs=1e-6)
 
 
-def test_artifacts_round_trip_and_serve_what_was_evaluated(trained, tmp_path):
+def test_artifacts_round_trip_and_serve_what_was_evaluated(trained, tmp_path, monkeypatch):
     backbone, tasks, result = trained
     root = write_hyper_artifacts(tmp_path / "out", result, name="tiny")
     assert sorted(p.name for p in root.iterdir()) == ["count", "fun", "good", "hypernetworks"]
     name, net = load_hypernetwork(root / "hypernetworks" / "tiny", backbone=backbone)
     assert name == "tiny" and net.config.variant == "hyperformer++"
+    # by name: the current version in the local store
+    from store.local import LocalStore
+
+    hdir = root / "hypernetworks" / "tiny"
+    LocalStore(tmp_path / "store").put_version(
+        "hypernetworks",
+        "tiny",
+        config_bytes=(hdir / "hypernetwork_config.json").read_bytes(),
+        weights_src=hdir / "hypernetwork.safetensors",
+    )
+    monkeypatch.setenv("ADAPTERSERVE_STORE", str(tmp_path / "store"))
+    _, by_name = load_hypernetwork("tiny", backbone=backbone)
+    for k, v in net.state_tensors().items():
+        assert torch.equal(by_name.state_tensors()[k], v)
+    with pytest.raises(FileNotFoundError):
+        load_hypernetwork("nope", backbone=backbone)
+    # a task artifact in a hypernetwork's place
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "hypernetwork_config.json").write_bytes((root / "good" / "adapter_config.json").read_bytes())
+    with pytest.raises(ValueError, match="not a hypernetwork"):
+        load_hypernetwork(fake, backbone=backbone)
     cfg = parse_config((root / "good" / "adapter_config.json").read_bytes())
     assert cfg.method == "hyperformer" and cfg.hypernetwork == "tiny"
     arrays = load_arrays(root / "good" / "adapter.safetensors", limits=SafetensorsLimits())
