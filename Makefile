@@ -27,11 +27,15 @@ format: install
 
 # The demo tasks `make serve` seeds into an empty store: small, seeded runs on the bundled MiniLM-L6
 # and the GLUE data (ADAPTERSERVE_GLUE_DIR); examples/README.md lists each one's dev metric.
-DEMO_TRAIN := HF_HUB_OFFLINE=1 $(BIN)/adapterserve train --max-train-examples 2000 --max-length 64 --seed 0 --threads 1
+DEMO_TRAIN := HF_HUB_OFFLINE=1 $(BIN)/adapterserve train --max-length 64 --seed 0 --threads 1
 
 demo-artifacts: install
-	$(DEMO_TRAIN) --glue SST-2 --method compacter --label-names negative,positive --epochs 2 --out examples/sst2 --task sst2
-	$(DEMO_TRAIN) --glue MRPC --method lora --label-names not_equivalent,equivalent --epochs 3 --out examples/mrpc --task mrpc
-	$(DEMO_TRAIN) --glue CoLA --method parallel --label-names unacceptable,acceptable --epochs 3 --out examples/cola --task cola
-	$(DEMO_TRAIN) --glue STS-B --method prefix --epochs 2 --out examples/stsb --task stsb
-	$(DEMO_TRAIN) --glue SST-2 --method tiny_attention --label-names negative,positive --epochs 2 --out examples/sst2-tiny --task sst2-tiny
+	$(DEMO_TRAIN) --glue SST-2 --method compacter --label-names negative,positive \
+		--max-train-examples 2000 --epochs 2 --out examples/sst2 --task sst2
+	$(DEMO_TRAIN) --glue SST-2 --method tiny_attention --label-names negative,positive \
+		--max-train-examples 2000 --epochs 2 --out examples/sst2-tiny --task sst2-tiny
+	$(DEMO_TRAIN) --glue CoLA --method parallel --label-names unacceptable,acceptable \
+		--max-train-examples 2000 --epochs 2 --out examples/cola --task cola
+	$(DEMO_TRAIN) --glue MRPC --method lora --label-names not_equivalent,equivalent \
+		--max-train-examples 1000 --epochs 3 --out examples/mrpc --task mrpc
+	$(DEMO_TRAIN) --glue STS-B --method prefix --max-train-examples 1000 --epochs 2 --out examples/stsb --task stsb

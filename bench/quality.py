@@ -65,16 +65,20 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     if not complete:
         out += ["**Partial table**: the run stopped before every row was measured.", ""]
     out += [
-        "Produced by `bench/quality.py`; the exact command:",
+        "Produced by `bench/quality.py`; the exact command"
+        + (
+            "s (each later one reusing the rows of the one before, `--resume`):"
+            if len(config.get("commands", [])) > 1
+            else ":"
+        ),
         "",
         "```",
-        config["command"],
+        *config.get("commands", [config["command"]]),
         "```",
         "",
-        "Budget, the same for every row of a task: "
-        f"a seeded random subset of {config['train_examples']} training examples (all of them when the task "
-        f"has fewer), max length {config['max_length']} tokens, batch size {config['batch_size']}, "
-        f"{config['epochs']} epochs ({_epochs_note(config)}), linear warm-up over "
+        "Budget, the same for every row of a task (each task's section gives its number of training "
+        "examples, a seeded random subset of the train set, and its epochs): "
+        f"max length {config['max_length']} tokens, batch size {config['batch_size']}, linear warm-up over "
         f"{int(100 * config['warmup'])}% of the steps then linear decay, seed {config['seed']}, "
         "each method at its default learning rate (`adapters.train.DEFAULT_LR`). "
         "The score is the best dev score over the per-epoch evaluations (the checkpoint the trainer keeps), "
@@ -99,7 +103,8 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
         first = task_rows[0]
         out += [
             f"{first['train_examples']} training examples, {first['epochs']} epochs, {first['steps']} steps "
-            f"per row. Metric: {metric_names} (score = their mean, as GLUE averages them).",
+            f"per row. Metric: {metric_names}"
+            + (" (score: their mean, as GLUE averages them)." if len(spec.metrics) > 1 else "."),
             "",
             f"| method | trainable % | {metric_names} | score | vs full | seconds |",
             "|---|---:|---:|---:|---:|---:|",
@@ -127,13 +132,6 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def _epochs_note(config: dict) -> str:
-    special = config.get("epochs_for") or {}
-    if not special:
-        return "every task"
-    return "except " + ", ".join(f"{t}: {e} epochs" for t, e in special.items())
-
-
 def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
     methods = [m for m in config["methods"] if m != "full" and any(g[0] == m for g in gaps)]
     if not methods:
@@ -155,6 +153,27 @@ def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
         )
     out.append("")
     return out
+
+
+def _previous_rows(path: Path | None) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
+    """Rows of an earlier run by (task, method, budget), and the commands that measured them."""
+    if path is None or not path.is_file():
+        return {}, []
+    old = json.loads(path.read_text(encoding="utf-8"))
+    cfg = old["config"]
+    out = {}
+    for row in old["rows"]:
+        budget = row.get("budget") or {
+            "train_examples": cfg["train_examples"],
+            "epochs": (cfg.get("epochs_for") or {}).get(row["task"], cfg["epochs"]),
+            "max_length": cfg["max_length"],
+            "batch_size": cfg["batch_size"],
+            "warmup": cfg["warmup"],
+            "seed": cfg["seed"],
+        }
+        row = {**row, "budget": budget}
+        out[(row["task"], row["method"], json.dumps(budget, sort_keys=True))] = row
+    return out, list(cfg.get("commands") or [cfg["command"]])
 
 
 def _parse_epochs_for(items: list[str]) -> dict[str, float]:
@@ -183,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--glue-dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
     p.add_argument("--json", type=Path, help="also write every row as JSON here")
+    p.add_argument(
+        "--resume", type=Path, help="reuse the rows of an earlier run's --json file that had the same budget"
+    )
     args = p.parse_args(argv)
     setup(threads=args.threads, seed=args.seed)
 
@@ -208,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "env": environment(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    previous, earlier = _previous_rows(args.resume)
+    config["commands"] = [*earlier, config["command"]]
     rows: list[dict] = []
     for task_name in tasks:
         task = load_glue(task_name, root=args.glue_dir)
@@ -222,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 progress=False,
             )
+            budget = {
+                "train_examples": args.train_examples,
+                "epochs": epochs,
+                "max_length": args.max_length,
+                "batch_size": args.batch_size,
+                "warmup": args.warmup,
+                "seed": args.seed,
+            }
+            done = previous.get((task_name, method, json.dumps(budget, sort_keys=True)))
+            if done is not None:
+                log(f"{task_name} {method}: measured by the earlier run, reused")
+                rows.append(done)
+                continue
             log(f"{task_name} {method}: training")
             # a fresh backbone per row: training wraps its projections, and `full` changes its weights
             backbone = load_backbone(device="cpu", dtype="float32")
@@ -237,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": epochs,
                 "train_examples": result.train_examples,
                 "seconds": result.seconds,
+                "budget": budget,
                 "history": result.history,
             }
             rows.append(row)
