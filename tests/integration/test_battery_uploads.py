@@ -120,6 +120,9 @@ def malformed_uploads(spec) -> list[tuple[str, bytes, bytes, int, str]]:
     add("inf_value", with_arrays(lambda a: a[second].flat.__setitem__(0, -np.inf)), 422)
     many = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(100_000)}
     add("header_with_100k_entries", raw_safetensors(many, b""), 413)
+    # Under the header's byte limit but over the tensor-count limit: refused while parsing, by count.
+    some = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(5000)}
+    add("header_with_5k_entries", raw_safetensors(some, b""), 413)
     add("torch_bin", _torch_bin(arrays), 415, name="adapter_model.bin")
     zipped = io.BytesIO()
     torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, zipped)
@@ -185,7 +188,9 @@ async def test_malformed_uploads_are_4xx_and_change_nothing(running, artifacts, 
             _no_path_in(r.text, store, upload_tmp)
             assert tree_digest(store) == before, kind
             assert os.listdir(upload_tmp) == [], kind
-            if kind == "header_with_100k_entries":
+            if kind == "header_with_5k_entries":
+                assert "more than 4096 tensors" in r.json()["error"]["message"]
+            if kind.startswith("header_with_"):
                 # Refused while parsing the header, not after building 100k entries.
                 assert time.perf_counter() - started < 2.0
         assert got == {kind: status for kind, _, _, status, _ in cases}
