@@ -132,6 +132,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._reserved = 0
         self._in_flight: list[_Item] = []
         self._rows_per_s: float | None = None
 
@@ -146,6 +147,11 @@ class Batcher:
     def queue_depth(self) -> int:
         """Rows waiting for a batch (not counting the running one)."""
         return len(self._items)
+
+    @property
+    def reserved(self) -> int:
+        """Rows admitted by reserve() that are still being prepared (not yet queued)."""
+        return self._reserved
 
     @property
     def in_flight(self) -> int:
@@ -164,15 +170,47 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="adapterserve-batcher")
 
-    async def submit(self, rows: Sequence[Row], *, deadline: float | None) -> list[Any]:
-        """Queue one request's rows and return their results in row order.
+    def reserve(self, rows: int) -> None:
+        """Hold queue room for `rows` still being prepared (tokenized); QueueFull when there is none.
 
-        `deadline` is an absolute time on the batcher's clock; if it passes before any row started, the
-        request fails with DeadlineExceeded and its rows never run.
+        Without it, requests waiting to be tokenized would form an unbounded queue in front of this one.
+        Pass `reserved=True` to the submit() of those rows, or give the room back with unreserve().
         """
         if self._stopping:
             raise Draining("the service is shutting down and takes no new work")
+        self._check_room(rows)
+        self._reserved += rows
+
+    def unreserve(self, rows: int) -> None:
+        """Give back room reserved for rows that will not be submitted."""
+        self._reserved -= rows
+
+    def _check_room(self, rows: int) -> None:
+        if len(self._items) + self._reserved + rows > self._max_queue:
+            retry_after = self._retry_after(rows)
+            self._notify("on_reject", "queue_full")
+            raise QueueFull(
+                f"the queue is full ({len(self._items) + self._reserved} of {self._max_queue} rows); "
+                f"retry in {retry_after} s",
+                retry_after=retry_after,
+                queue_depth=len(self._items),
+                max_queue=self._max_queue,
+            )
+
+    async def submit(
+        self, rows: Sequence[Row], *, deadline: float | None, reserved: bool = False
+    ) -> list[Any]:
+        """Queue one request's rows and return their results in row order.
+
+        `deadline` is an absolute time on the batcher's clock; if it passes before any row started, the
+        request fails with DeadlineExceeded and its rows never run. With `reserved`, the rows take the
+        room reserve() held for them (given back whatever happens next).
+        """
         rows = list(rows)
+        if reserved:
+            self._reserved -= len(rows)
+        if self._stopping:
+            raise Draining("the service is shutting down and takes no new work")
         if not rows:
             return []
         if len(rows) > self._max_queue:
@@ -185,15 +223,8 @@ class Batcher:
         if deadline is not None and now >= deadline:
             self._notify("on_reject", "deadline")
             raise DeadlineExceeded("the request deadline passed before it was queued", deadline=deadline)
-        if len(self._items) + len(rows) > self._max_queue:
-            retry_after = self._retry_after(len(rows))
-            self._notify("on_reject", "queue_full")
-            raise QueueFull(
-                f"the queue is full ({len(self._items)} of {self._max_queue} rows); retry in {retry_after} s",
-                retry_after=retry_after,
-                queue_depth=len(self._items),
-                max_queue=self._max_queue,
-            )
+        if not reserved:
+            self._check_room(len(rows))
         if self._task is None:
             self.start()
         loop = asyncio.get_running_loop()
@@ -482,7 +513,7 @@ class Batcher:
 
     def _retry_after(self, rows: int) -> int:
         """Whole seconds until enough queued rows should have run for this request to fit."""
-        excess = len(self._items) + rows - self._max_queue
+        excess = len(self._items) + self._reserved + rows - self._max_queue
         if not self._rows_per_s:
             return 1
         return int(min(max(math.ceil(excess / self._rows_per_s), 1), _MAX_RETRY_AFTER_S))

@@ -279,17 +279,23 @@ class Service:
             if generates and any(not isinstance(x, str) for x in inputs):
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
             n_new = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-            encoded = await self.engine.tokenize(inputs)
-            rows = [
-                Row(
-                    task=task,
-                    version=lease.version,
-                    length=len(e.ids),
-                    payload=Work(adapter=adapter, encoded=e, all_scores=all_scores, max_new_tokens=n_new),
-                )
-                for e in encoded
-            ]
-            results = await self.batcher.submit(rows, deadline=deadline)
+            # Room in the queue first: requests waiting for the tokenizer count against it too.
+            self.batcher.reserve(len(inputs))
+            try:
+                encoded = await self.engine.tokenize(inputs)
+                rows = [
+                    Row(
+                        task=task,
+                        version=lease.version,
+                        length=len(e.ids),
+                        payload=Work(adapter=adapter, encoded=e, all_scores=all_scores, max_new_tokens=n_new),
+                    )
+                    for e in encoded
+                ]
+            except BaseException:
+                self.batcher.unreserve(len(inputs))
+                raise
+            results = await self.batcher.submit(rows, deadline=deadline, reserved=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r

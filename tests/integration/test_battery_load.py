@@ -198,3 +198,30 @@ async def test_32_clients_through_20_hot_swaps_a_corrupt_upload_and_a_delete(run
         assert finished_on_last == 32
         assert len({v for a in answers for _, _, b in a[:-1] for v in [b["version"]]}) >= 2
         assert svc.registry.leases_total() == 0
+
+
+async def test_requests_waiting_for_the_tokenizer_count_against_the_queue(running, artifacts):
+    async with running(max_queue=4, max_inputs=4) as (app, client):
+        svc = app.state.service
+        d = make_artifact(artifacts, "t", "lora", svc.backbone.spec, seed=1)
+        assert (await client.post("/v1/adapters/t", files=multipart(d), headers=admin())).status_code == 201
+        gate, entered = threading.Event(), threading.Event()
+
+        def hold_the_tokenizer() -> None:
+            entered.set()
+            gate.wait(30)
+
+        loop = asyncio.get_running_loop()
+        blocker = loop.run_in_executor(svc.engine._tokenize_pool, hold_the_tokenizer)
+        await asyncio.to_thread(entered.wait, 10)
+        waiting = [asyncio.create_task(_predict(client, "t", TEXTS)) for _ in range(2)]
+        await until(lambda: svc.batcher.reserved == 4)
+        # Nothing is queued yet, but the room is taken: an overload never piles up unbounded in front.
+        assert svc.batcher.queue_depth == 0
+        r = await _predict(client, "t", ["fun"])
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        gate.set()
+        await blocker
+        assert [r.status_code for r in await asyncio.gather(*waiting)] == [200, 200]
+        assert svc.batcher.reserved == 0
+        assert (await _predict(client, "t", TEXTS)).status_code == 200
