@@ -1,6 +1,6 @@
 """Hypernetwork-generated adapters on MiniLM: generation time per task, and mixed batches vs the backbone.
 
-    python bench/hyper.py [--reps N] [--threads T] [--quick]
+    python -m bench.hyper [--reps N] [--threads T] [--quick]
 
 Prints one JSON object:
 
