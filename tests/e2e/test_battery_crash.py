@@ -1,4 +1,4 @@
-"""Battery, end to end: SIGKILL at each step of an upload, and SIGTERM under concurrent clients."""
+"""Battery, end to end: SIGKILL at each step of an upload; SIGTERM and a disconnect under concurrent clients."""
 
 from __future__ import annotations
 
@@ -136,6 +136,16 @@ def test_sigkill_at_each_step_of_an_upload_leaves_every_version_absent_or_comple
     assert r.status_code == 201 and r.json()["sha256"] == sha and r.json()["version"] > max(versions)
 
 
+def _metric(url: str, name: str, labels: str) -> float:
+    """Sum of the samples of `name` whose label text contains `labels`."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if (head == name or head.startswith(name + "{")) and labels in head:
+            total += float(value)
+    return total
+
+
 def test_sigterm_under_ten_clients_drains_and_exits_zero(servers, tiny_model_dir, tmp_path):
     spec = InProcess(tiny_model_dir).spec
     gate = tmp_path / "gate"
@@ -169,10 +179,19 @@ def test_sigterm_under_ten_clients_drains_and_exits_zero(servers, tiny_model_dir
     deadline = time.monotonic() + 30
     in_flight = 0.0
     while in_flight < 10 and time.monotonic() < deadline:
-        text = httpx.get(f"{server.url}/metrics", timeout=10).text
-        line = next(x for x in text.splitlines() if x.startswith("adapterserve_requests_in_flight "))
-        in_flight = float(line.split()[1])
+        in_flight = _metric(server.url, "adapterserve_requests_in_flight", "")
     assert in_flight == 10
+    # A client that gives up: its connection closes, the server cancels it and drops its queued rows.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/tasks/t/predict", json={"inputs": TEXTS}, timeout=1.0)
+    while (
+        time.monotonic() < deadline
+        and _metric(server.url, "adapterserve_rejected_total", 'reason="cancelled"') < 1
+    ):
+        pass
+    assert _metric(server.url, "adapterserve_rejected_total", 'reason="cancelled"') == 1
+    assert _metric(server.url, "adapterserve_requests_total", 'status="499"') == 1
+    assert _metric(server.url, "adapterserve_requests_in_flight", "") == 10
     server.proc.send_signal(signal.SIGTERM)  # exactly one: a second one forces the exit
     r = httpx.get(f"{server.url}/readyz", timeout=10)
     assert r.status_code == 503 and r.json() == {"status": "draining"}
