@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # As a script, this directory is sys.path[0], where bench/http.py would shadow the standard `http`.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
