@@ -67,7 +67,7 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     out += [
         "Produced by `bench/quality.py`; the exact command"
         + (
-            "s (each later one reusing the rows of the one before, `--resume`):"
+            "s (the last one reusing the rows the earlier ones measured, `--resume`):"
             if len(config.get("commands", [])) > 1
             else ":"
         ),
@@ -155,10 +155,18 @@ def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
     return out
 
 
-def _previous_rows(path: Path | None) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
-    """Rows of an earlier run by (task, method, budget), and the commands that measured them."""
-    if path is None or not path.is_file():
-        return {}, []
+def _previous_rows(paths: list[Path]) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
+    """Rows of earlier runs by (task, method, budget), and the commands that measured them."""
+    out: dict[tuple[str, str, str], dict] = {}
+    commands: list[str] = []
+    for path in paths:
+        found, cmds = _rows_of(path)
+        out |= found
+        commands += [c for c in cmds if c not in commands]
+    return out, commands
+
+
+def _rows_of(path: Path) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
     old = json.loads(path.read_text(encoding="utf-8"))
     cfg = old["config"]
     out = {}
@@ -203,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
     p.add_argument("--json", type=Path, help="also write every row as JSON here")
     p.add_argument(
-        "--resume", type=Path, help="reuse the rows of an earlier run's --json file that had the same budget"
+        "--resume",
+        type=Path,
+        action="append",
+        default=[],
+        help="reuse the rows of an earlier run's --json file that had the same budget (repeatable)",
     )
     args = p.parse_args(argv)
     setup(threads=args.threads, seed=args.seed)
