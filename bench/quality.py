@@ -129,6 +129,7 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
                 summary.append((r["method"], task, r["dev"]["score"] - full["dev"]["score"]))
         out.append("")
     out += _summary(summary, config=config)
+    out += _shortfalls(summary, by_task=by_task, config=config)
     return "\n".join(out) + "\n"
 
 
@@ -153,6 +154,45 @@ def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
         )
     out.append("")
     return out
+
+
+def _shortfalls(
+    gaps: list[tuple[str, str, float]], *, by_task: dict[str, list[dict]], config: dict
+) -> list[str]:
+    """Plain statements of where a method trails full fine-tuning, and where the budget is too small."""
+    out = ["## Where methods fall short", ""]
+    for m in [m for m in config["methods"] if m != "full"]:
+        mine = [(t, d) for mm, t, d in gaps if mm == m]
+        if not mine:
+            continue
+        # judged on the rounded numbers the table shows
+        behind = [f"{t} ({100 * d:+.1f})" for t, d in mine if round(100 * d, 1) < -1.0]
+        mean = sum(d for _, d in mine) / len(mine)
+        verdict = "within" if round(100 * mean, 1) >= -1.0 else "not within"
+        where = (
+            "more than 1 point behind on " + ", ".join(behind) if behind else "never more than 1 point behind"
+        )
+        out.append(f"- {ROW_NAMES.get(m, m)}: {where}; on average {verdict} 1 point of full fine-tuning.")
+    for task, rows in by_task.items():
+        full = next((r for r in rows if r["method"] == "full"), None)
+        if full is None:
+            continue
+        margin = full["dev"]["score"] - full["baseline"]["score"]
+        if margin < 0.02:
+            out.append(
+                f"- {task}: at this budget full fine-tuning itself is only {100 * margin:+.1f} points above the "
+                "trivial baseline, so this task's rows do not separate the methods; a row at the baseline "
+                "learned little more than the class prior."
+            )
+        stuck = [
+            ROW_NAMES.get(r["method"], r["method"])
+            for r in rows
+            if r["method"] != "full" and r["dev"]["score"] - r["baseline"]["score"] < 0.005
+        ]
+        if stuck:
+            out.append(f"- {task}: no better than the trivial baseline: {', '.join(stuck)}.")
+    out.append("")
+    return out if len(out) > 3 else []
 
 
 def _previous_rows(paths: list[Path]) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
