@@ -57,7 +57,8 @@ class PrefixBank(_Bank):
             pk = self.key[single, :n].expand(b, n, -1)
             pv = self.value[single, :n].expand(b, n, -1)
         else:
-            pk, pv = self.key[rt.slots, :n], self.value[rt.slots, :n]
+            pk = self.key.index_select(0, rt.slots)[:, :n]
+            pv = self.value.index_select(0, rt.slots)[:, :n]
         pk = pk.reshape(b, n, nh, d).transpose(1, 2).to(key.dtype)
         pv = pv.reshape(b, n, nh, d).transpose(1, 2).to(value.dtype)
         key = torch.cat([pk, key], dim=2)

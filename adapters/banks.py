@@ -149,7 +149,12 @@ class _Bank(nn.Module):
 
 
 class LoRABank(_Bank):
-    """LoRA factors for one linear: `delta = (x A) B`, B pre-multiplied by the scaling."""
+    """LoRA factors for one linear: `delta = (x Aᵀ) B`, B pre-multiplied by the scaling.
+
+    Both factors are stored rank-major (`A [S, r, in]`, `B [S, r, out]`): a slot's first r rows are
+    one contiguous block, so gathering the rows' slots is one `index_select` and a rank slice
+    is a view (a gather by fancy indexing plus slicing costs several times the matmuls).
+    """
 
     _meta = ("rank",)
 
@@ -158,16 +163,16 @@ class LoRABank(_Bank):
     ) -> None:
         super().__init__(slots=slots, router=router)
         self.max_rank = max_rank
-        self.register_buffer("A", torch.zeros(slots, d_in, max_rank, **factory), persistent=False)
+        self.register_buffer("A", torch.zeros(slots, max_rank, d_in, **factory), persistent=False)
         self.register_buffer("B", torch.zeros(slots, max_rank, d_out, **factory), persistent=False)
         self.rank = np.zeros(slots, dtype=np.int64)
 
     def layout(self, *, A: torch.Tensor, B: torch.Tensor, scaling: float):
-        """PEFT-layout factors (A: [r, in], B: [out, r]) -> A [in, r], scaled B [r, out]."""
+        """PEFT-layout factors (A: [r, in], B: [out, r]) -> A [r, in], scaled B [r, out]."""
         r = A.shape[0]
         if r > self.max_rank:
             raise ValueError(f"LoRA rank {r} exceeds the bank's maximum {self.max_rank}")
-        return {"A": A.t(), "B": B.t() * scaling}, {"rank": r}
+        return {"A": A, "B": B.t() * scaling}, {"rank": r}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row LoRA update for input `x` of shape [B, T, in]."""
@@ -175,10 +180,10 @@ class LoRABank(_Bank):
         r = int(self.rank[rt.unique].max())
         single = rt.single
         if single is not None:
-            return (x @ self.A[single, :, :r]) @ self.B[single, :r]
-        a = self.A[rt.slots, :, :r]
-        b = self.B[rt.slots, :r]
-        return torch.bmm(torch.bmm(x, a), b)
+            return F.linear(x, self.A[single, :r]) @ self.B[single, :r]
+        a = self.A.index_select(0, rt.slots)[:, :r]
+        b = self.B.index_select(0, rt.slots)[:, :r]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
 
 
 class IA3Bank(_Bank):
@@ -211,7 +216,11 @@ class IA3Bank(_Bank):
 
 
 class BottleneckBank(_Bank):
-    """Bottleneck adapters `s * up(f(down(x)))`, optionally followed by a per-task LayerNorm."""
+    """Bottleneck adapters `s * up(f(down(x)))`, optionally followed by a per-task LayerNorm.
+
+    Weights are stored width-major (`down [S, r, in]`, `up [S, r, out]`), for the reason given
+    in LoRABank: per-row gathers are one contiguous `index_select` and width slices are views.
+    """
 
     _fill: ClassVar[dict[str, float]] = {"ln_w": 1.0}
     _meta = ("rank", "act", "post_ln")
@@ -219,7 +228,7 @@ class BottleneckBank(_Bank):
     def __init__(self, *, d_in: int, d_out: int, max_dim: int, slots: int, router: Router, **factory) -> None:
         super().__init__(slots=slots, router=router)
         self.max_dim = max_dim
-        self.register_buffer("down", torch.zeros(slots, d_in, max_dim, **factory), persistent=False)
+        self.register_buffer("down", torch.zeros(slots, max_dim, d_in, **factory), persistent=False)
         self.register_buffer("down_b", torch.zeros(slots, max_dim, **factory), persistent=False)
         self.register_buffer("up", torch.zeros(slots, max_dim, d_out, **factory), persistent=False)
         self.register_buffer("up_b", torch.zeros(slots, d_out, **factory), persistent=False)
@@ -241,12 +250,12 @@ class BottleneckBank(_Bank):
         scale: float | torch.Tensor = 1.0,
         ln: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        """nn.Linear-layout weights (down: [r, in], up: [out, r]) -> transposed bank layout."""
+        """nn.Linear-layout weights (down: [r, in], up: [out, r]) -> bank layout (down as is, up transposed)."""
         r = down_w.shape[0]
         if r > self.max_dim:
             raise ValueError(f"bottleneck width {r} exceeds the bank's maximum {self.max_dim}")
         scale = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
-        tensors = {"down": down_w.t(), "down_b": down_b, "up": up_w.t(), "up_b": up_b, "scale": scale}
+        tensors = {"down": down_w, "down_b": down_b, "up": up_w.t(), "up_b": up_b, "scale": scale}
         meta = {"rank": r, "act": ACTIVATION_CODES[activation], "post_ln": ln is not None}
         if ln is not None:
             tensors |= {"ln_w": ln[0], "ln_b": ln[1]}
@@ -258,16 +267,17 @@ class BottleneckBank(_Bank):
         r = int(self.rank[rt.unique].max())
         single = rt.single
         if single is not None:
-            z = torch.addmm(self.down_b[single, :r], x.reshape(-1, x.shape[-1]), self.down[single, :, :r])
+            z = F.linear(x.reshape(-1, x.shape[-1]), self.down[single, :r], self.down_b[single, :r])
             z = activate(z, int(self.act[single]))
             y = torch.addmm(self.up_b[single], z, self.up[single, :r]).view(*x.shape[:-1], -1)
             if self.post_ln[single]:
                 y = F.layer_norm(y, y.shape[-1:], self.ln_w[single], self.ln_b[single])
             return y * self.scale[single]
         s = rt.slots
-        z = torch.baddbmm(self.down_b[s, :r].unsqueeze(1), x, self.down[s, :, :r])
+        down = self.down.index_select(0, s)[:, :r]
+        z = torch.baddbmm(self.down_b.index_select(0, s)[:, :r].unsqueeze(1), x, down.transpose(1, 2))
         z = activate_rows(z, self.act, rt)
-        y = torch.baddbmm(self.up_b[s].unsqueeze(1), z, self.up[s, :r])
+        y = torch.baddbmm(self.up_b.index_select(0, s).unsqueeze(1), z, self.up.index_select(0, s)[:, :r])
         if rt.any_in(self.post_ln):
             normed = F.layer_norm(y, y.shape[-1:]) * self.ln_w[s].unsqueeze(1) + self.ln_b[s].unsqueeze(1)
             flag = torch.as_tensor(self.post_ln[rt.slots_np], device=y.device).view(-1, 1, 1)
