@@ -321,7 +321,8 @@ class Batches:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+    # ptp, not std: the std of a constant float array can come out as a tiny nonzero number
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         # a constant prediction has no correlation; GLUE would give NaN, 0 keeps tables sortable
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
