@@ -1,4 +1,4 @@
-"""`adapterserve` command line: `serve`, `upload`, `train` and `import`."""
+"""`adapterserve` command line: `serve`, `upload`, `train`, `train-hyper`, `import` and `bench`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -139,13 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     # the model-side commands register themselves; their heavy imports happen only when run
     from adapters.formats import add_import_parser
     from adapters.train import add_train_parser
-
-    add_train_parser(sub)
     from adapters.train_hyper_cli import add_train_hyper_parser
 
+    add_train_parser(sub)
     add_train_hyper_parser(sub)
     add_import_parser(sub)
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark of the source tree's bench/ directory (prints JSON)",
+        description="Run bench/NAME.py with the remaining arguments; see each script's --help.",
+    )
+    bench.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+BENCHMARKS = ("mixed", "http", "hyper", "quality", "soak")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # Benchmarks ship with the source tree (they need its data and scripts), not with the package.
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        print(f"adapterserve bench: {script} not found; run it from a source checkout", file=sys.stderr)
+        return 2
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    return subprocess.call([sys.executable, str(script), *args.args], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
