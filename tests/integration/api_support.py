@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -210,3 +212,37 @@ def reference_generation(directory: Path, prompts: list[str], *, max_new_tokens:
         new = model.generate(enc["input_ids"], enc["attention_mask"], [1], max_new_tokens=max_new_tokens)
         out.append(tok.decode(new[0].tolist(), skip_special_tokens=True))
     return out
+
+
+async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Yield to the event loop until `cond()` holds (state changes come from other tasks and threads)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0)
+
+
+class WorkerGate:
+    """Holds the device worker thread busy until opened, so requests pile up deterministically."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.job: asyncio.Future | None = None
+
+    async def __aenter__(self) -> WorkerGate:
+        def block() -> None:
+            self.entered.set()
+            self.gate.wait(30)
+
+        self.job = asyncio.ensure_future(self.service.engine.call(block))
+        await asyncio.to_thread(self.entered.wait, 10)
+        return self
+
+    def open(self) -> None:
+        """Let the worker go on."""
+        self.gate.set()
+
+    async def __aexit__(self, *exc) -> None:
+        self.gate.set()
+        await self.job

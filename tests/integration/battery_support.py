@@ -10,9 +10,7 @@ import os
 import pickle
 import stat
 import struct
-import threading
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from api_support import admin
 from store.safetensors_io import write_safetensors
 
 __all__ = [
-    "WorkerGate",
     "canary_pickles",
     "files",
     "raw_request",
@@ -29,7 +26,6 @@ __all__ = [
     "safetensors_bytes",
     "tree_digest",
     "tree_listing",
-    "until",
     "upload_bytes",
 ]
 
@@ -111,40 +107,6 @@ async def upload_bytes(client, task: str, config: bytes, weights: bytes, **param
     return await client.post(
         f"/v1/adapters/{task}", files=files(config, weights), headers=admin(), params=params
     )
-
-
-async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Yield to the event loop until `cond()` holds (state changes come from other tasks and threads)."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0)
-
-
-class WorkerGate:
-    """Holds the device worker thread busy until opened, so requests pile up deterministically."""
-
-    def __init__(self, service) -> None:
-        self.service = service
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.job: asyncio.Future | None = None
-
-    async def __aenter__(self) -> WorkerGate:
-        def block() -> None:
-            self.entered.set()
-            self.gate.wait(30)
-
-        self.job = asyncio.ensure_future(self.service.engine.call(block))
-        await asyncio.to_thread(self.entered.wait, 10)
-        return self
-
-    def open(self) -> None:
-        """Let the worker go on."""
-        self.gate.set()
-
-    async def __aexit__(self, *exc) -> None:
-        self.gate.set()
-        await self.job
 
 
 async def raw_request(

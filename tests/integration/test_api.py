@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from api_support import (
     ADMIN,
     API,
     Reference,
+    WorkerGate,
     admin,
     artifact_config,
     assert_outputs_close,
@@ -22,6 +22,7 @@ from api_support import (
     multipart,
     random_arrays,
     tiny_backbone,
+    until,
     write_artifact,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,40 +32,6 @@ from service.settings import Settings
 pytestmark = pytest.mark.asyncio
 
 TEXTS = ["the movie was good", "bad plot and boring ending", "i loved it", "this film is not very fun"]
-
-
-async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Yield to the event loop until `cond()` holds (state changes come from other tasks and threads)."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0)
-
-
-class WorkerGate:
-    """Holds the device worker thread busy until opened, so requests pile up deterministically."""
-
-    def __init__(self, service) -> None:
-        self.service = service
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.job: asyncio.Future | None = None
-
-    async def __aenter__(self) -> WorkerGate:
-        def block() -> None:
-            self.entered.set()
-            self.gate.wait(30)
-
-        self.job = asyncio.ensure_future(self.service.engine.call(block))
-        await asyncio.to_thread(self.entered.wait, 10)
-        return self
-
-    def open(self) -> None:
-        """Let the worker go on."""
-        self.gate.set()
-
-    async def __aexit__(self, *exc) -> None:
-        self.gate.set()
-        await self.job
 
 
 async def upload(client, task: str, directory, **params):

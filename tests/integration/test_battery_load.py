@@ -9,6 +9,7 @@ import threading
 import pytest
 from api_support import (
     Reference,
+    WorkerGate,
     admin,
     artifact_config,
     assert_outputs_close,
@@ -16,8 +17,9 @@ from api_support import (
     multipart,
     random_arrays,
     tiny_backbone,
+    until,
 )
-from battery_support import WorkerGate, raw_request, safetensors_bytes, until, upload_bytes
+from battery_support import raw_request, safetensors_bytes, upload_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.asyncio
