@@ -35,7 +35,7 @@ demo-artifacts: install
 	$(DEMO_TRAIN) --glue SST-2 --method tiny_attention --label-names negative,positive \
 		--max-train-examples 2000 --epochs 2 --out examples/sst2-tiny --task sst2-tiny
 	$(DEMO_TRAIN) --glue CoLA --method parallel --label-names unacceptable,acceptable \
-		--max-train-examples 2000 --epochs 2 --out examples/cola --task cola
+		--epochs 3 --out examples/cola --task cola
 	$(DEMO_TRAIN) --glue MRPC --method lora --label-names not_equivalent,equivalent \
-		--max-train-examples 1000 --epochs 3 --out examples/mrpc --task mrpc
-	$(DEMO_TRAIN) --glue STS-B --method prefix --max-train-examples 1000 --epochs 2 --out examples/stsb --task stsb
+		--epochs 2 --lr 2e-3 --out examples/mrpc --task mrpc
+	$(DEMO_TRAIN) --glue STS-B --method prefix --epochs 2 --lr 1e-2 --out examples/stsb --task stsb
