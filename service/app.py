@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -36,6 +38,8 @@ from store.errors import AdapterServeError
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _ADMIN = [Depends(require_admin)]
 _INFER = [Depends(require_inference)]
@@ -184,32 +188,14 @@ def _routes(app: FastAPI) -> None:
     ) -> UploadResult:
         """Upload a version (multipart: `config` JSON, `weights` safetensors); current unless activate=false."""
         svc = _svc(request)
-        result = "error"
-        try:
-            validate_name(task)
-            svc.enter()
-            try:
-                up = await read_upload(
-                    request, max_bytes=svc.settings.max_upload_bytes, tmp_dir=svc.settings.upload_tmp_dir
-                )
-                try:
-                    info, adapter, current = await svc.registry.upload(
-                        task,
-                        config_bytes=up.config,
-                        weights_path=up.weights_path,
-                        activate=activate,
-                        version=version,
-                    )
-                finally:
-                    up.remove()
-            finally:
-                svc.leave()
-            result = "ok"
-        except AdapterServeError as exc:
-            result = _snake_result(exc)
-            raise
-        finally:
-            svc.metrics.uploads.labels(result=result).inc()
+        info, adapter, current = await _counted_upload(
+            svc,
+            request,
+            name=task,
+            store=lambda config, weights: svc.registry.upload(
+                task, config_bytes=config, weights_path=weights, activate=activate, version=version
+            ),
+        )
         return UploadResult(
             task=task,
             version=info.version,
@@ -296,28 +282,14 @@ def _routes(app: FastAPI) -> None:
     ) -> UploadResult:
         """Upload a shared hypernetwork version (multipart: `config` JSON, `weights` safetensors)."""
         svc = _svc(request)
-        result = "error"
-        try:
-            validate_name(name)
-            svc.enter()
-            try:
-                up = await read_upload(
-                    request, max_bytes=svc.settings.max_upload_bytes, tmp_dir=svc.settings.upload_tmp_dir
-                )
-                try:
-                    info, config, params, current = await svc.hypernetworks.upload(
-                        name, config_bytes=up.config, weights_path=up.weights_path, activate=activate
-                    )
-                finally:
-                    up.remove()
-            finally:
-                svc.leave()
-            result = "ok"
-        except AdapterServeError as exc:
-            result = _snake_result(exc)
-            raise
-        finally:
-            svc.metrics.uploads.labels(result=result).inc()
+        info, config, params, current = await _counted_upload(
+            svc,
+            request,
+            name=name,
+            store=lambda config, weights: svc.hypernetworks.upload(
+                name, config_bytes=config, weights_path=weights, activate=activate
+            ),
+        )
         return UploadResult(
             task=name,
             version=info.version,
@@ -333,6 +305,41 @@ def _routes(app: FastAPI) -> None:
         """Every shared hypernetwork with its current version."""
         entries = await asyncio.to_thread(_svc(request).hypernetworks.summary)
         return HypernetworkList(hypernetworks=entries)
+
+
+async def _counted_upload(
+    svc: Service,
+    request: Request,
+    *,
+    name: str,
+    store: Callable[[bytes, Path], Awaitable[_T]],
+) -> _T:
+    """Read a multipart upload into `store(config, weights_path)`, counting the outcome in the uploads metric.
+
+    Adapter and hypernetwork uploads share this so both admit, clean up their temporary file and
+    label `uploads` the same way.
+    """
+    result = "error"
+    try:
+        validate_name(name)
+        svc.enter()
+        try:
+            up = await read_upload(
+                request, max_bytes=svc.settings.max_upload_bytes, tmp_dir=svc.settings.upload_tmp_dir
+            )
+            try:
+                stored = await store(up.config, up.weights_path)
+            finally:
+                up.remove()
+        finally:
+            svc.leave()
+        result = "ok"
+    except AdapterServeError as exc:
+        result = _snake_result(exc)
+        raise
+    finally:
+        svc.metrics.uploads.labels(result=result).inc()
+    return stored
 
 
 def _snake_result(exc: AdapterServeError) -> str:
