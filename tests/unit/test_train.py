@@ -195,6 +195,29 @@ def test_seed_makes_runs_identical() -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_early_stopping_ends_the_run_when_dev_stops_improving() -> None:
+    """With a learning rate too small to change anything, the second evaluation is stale: stop there."""
+    opts = TrainOptions(steps=50, eval_every=2, patience=1, lr=1e-12, **FAST)
+    result = train(backbone(), sentiment_task(64), method="lora", options=opts)
+    assert result.steps == 4 and [h["step"] for h in result.history] == [2, 4]
+
+
+def test_layernorm_overrides_train_with_the_adapter() -> None:
+    """--train-layernorm adds per-task norms to the artifact, starting from the backbone's and moving."""
+    bb = backbone()
+    base = {n: p.detach().clone() for n, p in bb.model.named_parameters() if "LayerNorm" in n}
+    opts = TrainOptions(steps=10, lr=1e-2, train_layernorm=True, **FAST)
+    result = train(bb, sentiment_task(64), method="lora", options=opts)
+    norms = {k: v for k, v in result.tensors.items() if k.endswith(("_ln.weight", "_ln.bias"))}
+    assert result.config.layernorm and len(norms) == 2 * 2 * 2  # 2 layers x (attn, ffn) x (weight, bias)
+    assert not any(
+        torch.equal(norms[k], b) for k in norms for b in base.values() if b.shape == norms[k].shape
+    )
+    # the backbone's own norms (wrapped by the banks, hence `.base.`) are left as they were
+    after = {n.replace(".base.", "."): p for n, p in bb.model.named_parameters() if "LayerNorm" in n}
+    assert after.keys() == base.keys() and all(torch.equal(after[n], base[n]) for n in base)
+
+
 def test_a_backbone_trains_once() -> None:
     """Training wraps the backbone's projections; a second run on it is refused, not silently wrong."""
     bb = backbone()
