@@ -686,7 +686,7 @@ def _task_data(args: argparse.Namespace) -> TaskData:
     from adapters.data import infer_task, load_glue, read_examples
 
     if args.glue:
-        return _renamed(load_glue(args.glue, root=args.glue_dir), args.label_names)
+        return _renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
     cols = {
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
@@ -700,7 +700,9 @@ def _task_data(args: argparse.Namespace) -> TaskData:
     if kind != "regression" and len(labels) == 2:
         metrics = ("accuracy", "f1", "matthews")
     name = args.task or args.train_file.stem
-    return _renamed(TaskData(name, train_ex, dev_ex, kind, labels, metrics), args.label_names)
+    return _renamed(
+        TaskData(name, train_ex, dev_ex, kind, labels, metrics), getattr(args, "label_names", None)
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
