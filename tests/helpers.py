@@ -1,4 +1,4 @@
-"""Tiny deterministic backbones and adapter tensors shared by the unit tests.
+"""Tiny deterministic backbones, adapter tensors and one-at-a-time expected outputs shared by the tests.
 
 Every builder seeds torch before creating the model, so two calls give bit-identical weights:
 one copy can be wrapped in a MultiTaskModel while the other stays a plain Hugging Face model
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,9 +27,11 @@ from transformers import (
 )
 
 from adapters.backbone import Backbone
+from adapters.heads import decode_row
 from adapters.methods import get_method
 from adapters.model import BankConfig, MultiTaskModel
 from store.artifact import expected_tensors, parse_config
+from store.safetensors_io import SafetensorsLimits, load_arrays
 from store.spec import BackboneSpec
 
 __all__ = [
@@ -39,9 +42,11 @@ __all__ = [
     "Batch",
     "base_norm_tensors",
     "build_hf",
+    "classify_each",
     "config_for",
     "head_logits",
     "identity_tensors",
+    "load_artifact_dir",
     "make_batch",
     "max_diff",
     "model_outputs",
@@ -306,3 +311,39 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute elementwise difference."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a.float() - b.float()).abs().max())
+
+
+# -- artifact directories ----------------------------------------------------------------------
+
+
+def load_artifact_dir(model: MultiTaskModel, directory: Path, *, slot: int = 1):
+    """Load the artifact in `directory` (adapter_config.json + adapter.safetensors) into `slot`; its config."""
+    config = parse_config((directory / "adapter_config.json").read_bytes())
+    arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
+    model.load(slot, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+    return config
+
+
+def classify_each(
+    model: MultiTaskModel,
+    directory: Path,
+    inputs: list,
+    *,
+    all_scores: bool = False,
+    max_len: int | None = None,
+) -> list[dict]:
+    """Decoded outputs of `inputs` (texts or pairs) one at a time, unbatched, with the artifact in `directory`."""
+    config = load_artifact_dir(model, directory)
+    tok = model.backbone.tokenizer
+    limit = {} if max_len is None else {"truncation": True, "max_length": max_len}
+    out = []
+    for x in inputs:
+        enc = tok(*([x] if isinstance(x, str) else x), return_tensors="pt", **limit)
+        extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
+        head = model.classify(enc["input_ids"], enc["attention_mask"], [1], **extra)
+        out.append(
+            decode_row(
+                head.logits[0], kind=config.head.type, labels=list(config.head.labels), all_scores=all_scores
+            )
+        )
+    return out

@@ -61,7 +61,7 @@ class HookedServer:
             "ADAPTERSERVE_SEED_DIR": "",
             "ADAPTERSERVE_DEVICE": "cpu",
             "ADAPTERSERVE_LOG_LEVEL": "warning",
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent), str(REPO / "tests")]),
             **hooks,
         }
         env |= {f"ADAPTERSERVE_{k.upper()}": str(v) for k, v in settings.items()}

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
+from helpers import classify_each
 
 from adapters.backbone import load_backbone
-from adapters.heads import decode_row
 from adapters.model import BankConfig, MultiTaskModel
 from store.artifact import expected_tensors, parse_config
-from store.safetensors_io import SafetensorsLimits, load_arrays, write_safetensors
+from store.safetensors_io import write_safetensors
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = "e2e-admin-key-0123456789"
@@ -124,25 +123,7 @@ class InProcess:
 
     def outputs(self, directory: Path, inputs: list, *, all_scores: bool = False) -> list[dict]:
         """Decoded outputs for `inputs` with the artifact in `directory`."""
-        config = parse_config((directory / "adapter_config.json").read_bytes())
-        arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
-        self.model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
-        out = []
-        for x in inputs:
-            enc = (
-                self.tok(x, return_tensors="pt") if isinstance(x, str) else self.tok(*x, return_tensors="pt")
-            )
-            extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
-            head = self.model.classify(enc["input_ids"], enc["attention_mask"], [1], **extra)
-            out.append(
-                decode_row(
-                    head.logits[0],
-                    kind=config.head.type,
-                    labels=list(config.head.labels),
-                    all_scores=all_scores,
-                )
-            )
-        return out
+        return classify_each(self.model, directory, inputs, all_scores=all_scores)
 
 
 def assert_close(got: list[dict], want: list[dict], *, tol: float = 1e-4) -> None:

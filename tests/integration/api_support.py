@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import classify_each, load_artifact_dir
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from adapters.backbone import Backbone
-from adapters.heads import decode_row
 from adapters.model import BankConfig, MultiTaskModel
 from store.artifact import expected_tensors, parse_config
 from store.safetensors_io import write_safetensors
@@ -126,29 +126,7 @@ class Reference:
         self, directory: Path, inputs: list, *, all_scores: bool = False, max_len: int = 256
     ) -> list[dict]:
         """What the server should answer for `inputs` with the artifact in `directory`."""
-        from store.safetensors_io import SafetensorsLimits, load_arrays
-
-        config = parse_config((directory / "adapter_config.json").read_bytes())
-        arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
-        self.model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
-        out = []
-        for x in inputs:
-            enc = (
-                self.tok(x, truncation=True, max_length=max_len, return_tensors="pt")
-                if isinstance(x, str)
-                else (self.tok(x[0], x[1], truncation=True, max_length=max_len, return_tensors="pt"))
-            )
-            extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
-            head = self.model.classify(enc["input_ids"], enc["attention_mask"], [1], **extra)
-            out.append(
-                decode_row(
-                    head.logits[0],
-                    kind=config.head.type,
-                    labels=list(config.head.labels),
-                    all_scores=all_scores,
-                )
-            )
-        return out
+        return classify_each(self.model, directory, inputs, all_scores=all_scores, max_len=max_len)
 
 
 def assert_outputs_close(got: list[dict], want: list[dict], *, tol: float = 1e-4) -> None:
@@ -199,12 +177,8 @@ def tiny_gpt2_backbone(seed: int = 0) -> Backbone:
 
 def reference_generation(directory: Path, prompts: list[str], *, max_new_tokens: int) -> list[str]:
     """Greedy generation of each prompt alone with the artifact in `directory`, on a fresh tiny GPT-2."""
-    from store.safetensors_io import SafetensorsLimits, load_arrays
-
     model = MultiTaskModel(tiny_gpt2_backbone(), banks=BankConfig(slots=2))
-    config = parse_config((directory / "adapter_config.json").read_bytes())
-    arrays = load_arrays(directory / "adapter.safetensors", limits=SafetensorsLimits())
-    model.load(1, config, {k: torch.from_numpy(v) for k, v in arrays.items()})
+    load_artifact_dir(model, directory)
     tok = model.backbone.tokenizer
     out = []
     for p in prompts:
