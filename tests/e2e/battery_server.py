@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_support import ADMIN, REPO, free_port
+from e2e_support import ADMIN, REPO, free_port, wait_ready
 
 
 def _install_hooks() -> None:
@@ -80,19 +80,8 @@ class HookedServer:
 
     def wait_ready(self, timeout: float = 120.0) -> HookedServer:
         """Poll /readyz until 200 (an external process: polling is the only way to see it)."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+        wait_ready(self.proc, url=self.url, log=self.log, timeout=timeout, interval=0.05)
+        return self
 
     def close(self) -> None:
         """Make sure the process is gone."""

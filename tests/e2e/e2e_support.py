@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(
+    proc: subprocess.Popen, *, url: str, log: Callable[[], str], timeout: float, interval: float
+) -> None:
+    """Poll `url`/readyz every `interval` s until 200; raise with the server's `log()` if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log()}")
 
 
 class Server:
@@ -73,17 +91,8 @@ class Server:
 
     def wait_ready(self) -> Server:
         """Poll /readyz until it answers 200 (the process is external, so polling is the only way)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+        wait_ready(self.proc, url=self.url, log=self.log, timeout=START_TIMEOUT_S, interval=0.1)
+        return self
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the exit status."""
