@@ -49,12 +49,15 @@ def activate(x: torch.Tensor, code: int) -> torch.Tensor:
     raise ValueError(f"unknown activation code {code}")
 
 
-def activate_rows(z: torch.Tensor, codes: np.ndarray, router: Router) -> torch.Tensor:
-    """Apply each row's own activation; one pass when the rows agree."""
-    used = np.unique(codes[router.slots_np])
+def activate_rows(
+    z: torch.Tensor, codes: np.ndarray, router: Router, *, slots_np: np.ndarray | None = None
+) -> torch.Tensor:
+    """Apply each row's own activation (rows' slots: `slots_np`, default the router's); one pass when they agree."""
+    slots_np = router.slots_np if slots_np is None else slots_np
+    used = np.unique(codes[slots_np])
     if len(used) == 1:
         return activate(z, int(used[0]))
-    per_row = torch.as_tensor(codes[router.slots_np], device=z.device)
+    per_row = torch.as_tensor(codes[slots_np], device=z.device)
     out = z
     for code in used:
         mask = (per_row == int(code)).view(-1, *([1] * (z.dim() - 1)))
@@ -89,6 +92,20 @@ class _Bank(nn.Module):
     def active(self) -> bool:
         """Whether any row of the current batch uses this bank."""
         return self.router.slots is not None and self.router.any_in(self.occupied)
+
+    def _users(self) -> tuple[torch.Tensor | None, torch.Tensor, np.ndarray]:
+        """The rows that use this bank: (their indices or None for all rows, their slots on device and host).
+
+        In a batch that mixes methods, a bank then computes only its own rows instead of every row
+        with zero weights for the others.
+        """
+        rt = self.router
+        used = self.occupied[rt.slots_np]
+        if used.all():
+            return None, rt.slots, rt.slots_np
+        rows = np.flatnonzero(used)
+        idx = torch.as_tensor(rows, device=rt.slots.device)
+        return idx, rt.slots.index_select(0, idx), rt.slots_np[rows]
 
     def _check_slot(self, slot: int) -> None:
         if not 0 < slot < self.num_slots:
@@ -181,9 +198,13 @@ class LoRABank(_Bank):
         single = rt.single
         if single is not None:
             return F.linear(x, self.A[single, :r]) @ self.B[single, :r]
-        a = self.A.index_select(0, rt.slots)[:, :r]
-        b = self.B.index_select(0, rt.slots)[:, :r]
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
+        idx, s, _ = self._users()
+        a = self.A.index_select(0, s)[:, :r]
+        b = self.B.index_select(0, s)[:, :r]
+        if idx is None:
+            return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
+        sub = torch.bmm(torch.bmm(x.index_select(0, idx), a.transpose(1, 2)), b)
+        return x.new_zeros(*x.shape[:-1], sub.shape[-1]).index_copy_(0, idx, sub)
 
 
 class IA3Bank(_Bank):
@@ -273,16 +294,20 @@ class BottleneckBank(_Bank):
             if self.post_ln[single]:
                 y = F.layer_norm(y, y.shape[-1:], self.ln_w[single], self.ln_b[single])
             return y * self.scale[single]
-        s = rt.slots
+        idx, s, s_np = self._users()
+        xs = x if idx is None else x.index_select(0, idx)
         down = self.down.index_select(0, s)[:, :r]
-        z = torch.baddbmm(self.down_b.index_select(0, s)[:, :r].unsqueeze(1), x, down.transpose(1, 2))
-        z = activate_rows(z, self.act, rt)
+        z = torch.baddbmm(self.down_b.index_select(0, s)[:, :r].unsqueeze(1), xs, down.transpose(1, 2))
+        z = activate_rows(z, self.act, rt, slots_np=s_np)
         y = torch.baddbmm(self.up_b.index_select(0, s).unsqueeze(1), z, self.up.index_select(0, s)[:, :r])
-        if rt.any_in(self.post_ln):
+        if self.post_ln[s_np].any():
             normed = F.layer_norm(y, y.shape[-1:]) * self.ln_w[s].unsqueeze(1) + self.ln_b[s].unsqueeze(1)
-            flag = torch.as_tensor(self.post_ln[rt.slots_np], device=y.device).view(-1, 1, 1)
+            flag = torch.as_tensor(self.post_ln[s_np], device=y.device).view(-1, 1, 1)
             y = torch.where(flag, normed, y)
-        return y * self.scale[s].view(-1, 1, 1)
+        y = y * self.scale[s].view(-1, 1, 1)
+        if idx is None:
+            return y
+        return x.new_zeros(*x.shape[:-1], y.shape[-1]).index_copy_(0, idx, y)
 
 
 class SublayerBanks(nn.Module):
