@@ -33,7 +33,10 @@ __all__ = [
     "summarize",
 ]
 
-SST2_DEV = Path(os.environ.get("ADAPTERSERVE_BENCH_SST2", "/work/shared/data/glue/SST-2/dev.tsv"))
+SST2_DEV = Path(
+    os.environ.get("ADAPTERSERVE_BENCH_SST2")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
+)
 """Sentences used as realistic input ids when present (random ids otherwise)."""
 
 
