@@ -38,6 +38,7 @@ __all__ = [
     "ENCODER_FAMILIES",
     "FAMILIES",
     "GENERATIVE_FAMILIES",
+    "REQUIRED_METRICS",
     "VOCAB",
     "Batch",
     "base_norm_tensors",
@@ -347,3 +348,25 @@ def classify_each(
             )
         )
     return out
+
+
+# The metric families DESIGN.md requires on /metrics, with their Prometheus types (names without `_total`).
+REQUIRED_METRICS = {
+    "adapterserve_requests": "counter",
+    "adapterserve_request_duration_seconds": "histogram",
+    "adapterserve_queue_wait_seconds": "histogram",
+    "adapterserve_forward_duration_seconds": "histogram",
+    "adapterserve_batch_size": "histogram",
+    "adapterserve_batch_tasks": "histogram",
+    "adapterserve_queue_depth": "gauge",
+    "adapterserve_rejected": "counter",
+    "adapterserve_adapter_loads": "counter",
+    "adapterserve_adapter_load_duration_seconds": "histogram",
+    "adapterserve_adapter_cache_hits": "counter",
+    "adapterserve_adapter_cache_misses": "counter",
+    "adapterserve_adapter_evictions": "counter",
+    "adapterserve_adapters_resident": "gauge",
+    "adapterserve_adapter_cache_bytes": "gauge",
+    "adapterserve_tokens": "counter",
+    "adapterserve_uploads": "counter",
+}

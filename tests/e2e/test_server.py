@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_support import ADMIN, API, REPO, InProcess, assert_close, write_random_artifact
+from helpers import REQUIRED_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import ApiError, Client
@@ -74,26 +75,7 @@ def test_tasks_of_several_methods_serve_concurrently_like_in_process(start_serve
         assert_close(body["outputs"], ref.outputs(tasks[name], inputs, all_scores=True))
 
     families = metric_samples(server.url)
-    expected = {
-        "adapterserve_requests": "counter",
-        "adapterserve_request_duration_seconds": "histogram",
-        "adapterserve_queue_wait_seconds": "histogram",
-        "adapterserve_forward_duration_seconds": "histogram",
-        "adapterserve_batch_size": "histogram",
-        "adapterserve_batch_tasks": "histogram",
-        "adapterserve_queue_depth": "gauge",
-        "adapterserve_rejected": "counter",
-        "adapterserve_adapter_loads": "counter",
-        "adapterserve_adapter_load_duration_seconds": "histogram",
-        "adapterserve_adapter_cache_hits": "counter",
-        "adapterserve_adapter_cache_misses": "counter",
-        "adapterserve_adapter_evictions": "counter",
-        "adapterserve_adapters_resident": "gauge",
-        "adapterserve_adapter_cache_bytes": "gauge",
-        "adapterserve_tokens": "counter",
-        "adapterserve_uploads": "counter",
-    }
-    for name, kind in expected.items():
+    for name, kind in REQUIRED_METRICS.items():
         assert families[name].type == kind, name
     labels = {s.labels["task"] for s in families["adapterserve_requests"].samples}
     # Four tasks, a cap of three: the fourth is counted as `other`.

@@ -25,6 +25,7 @@ from api_support import (
     until,
     write_artifact,
 )
+from helpers import REQUIRED_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
@@ -578,26 +579,6 @@ async def test_seed_dir_imports_valid_artifacts_at_first_start(running, tmp_path
 
 # -- metrics -----------------------------------------------------------------------------------------
 
-REQUIRED = {
-    "adapterserve_requests": "counter",
-    "adapterserve_request_duration_seconds": "histogram",
-    "adapterserve_queue_wait_seconds": "histogram",
-    "adapterserve_forward_duration_seconds": "histogram",
-    "adapterserve_batch_size": "histogram",
-    "adapterserve_batch_tasks": "histogram",
-    "adapterserve_queue_depth": "gauge",
-    "adapterserve_rejected": "counter",
-    "adapterserve_adapter_loads": "counter",
-    "adapterserve_adapter_load_duration_seconds": "histogram",
-    "adapterserve_adapter_cache_hits": "counter",
-    "adapterserve_adapter_cache_misses": "counter",
-    "adapterserve_adapter_evictions": "counter",
-    "adapterserve_adapters_resident": "gauge",
-    "adapterserve_adapter_cache_bytes": "gauge",
-    "adapterserve_tokens": "counter",
-    "adapterserve_uploads": "counter",
-}
-
 
 def _families(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
@@ -624,7 +605,7 @@ async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, art
         assert (await client.post("/v1/tasks/nope/predict", json={"inputs": TEXTS})).status_code == 404
         text = (await client.get("/metrics")).text
         families = _families(text)
-        for name, kind in REQUIRED.items():
+        for name, kind in REQUIRED_METRICS.items():
             assert families[name].type == kind, name
         tasks = {s.labels["task"] for s in families["adapterserve_requests"].samples}
         assert tasks == {"t1", "t2", "other"}
