@@ -46,6 +46,7 @@ __all__ = [
     "build_config",
     "evaluate",
     "init_tensors",
+    "options_from_args",
     "predict",
     "run_train",
     "train",
@@ -705,6 +706,37 @@ def _task_data(args: argparse.Namespace) -> TaskData:
     )
 
 
+# TrainOptions fields that a command's flag of the same name sets directly.
+_OPTION_FLAGS = (
+    "epochs",
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "seed",
+    "max_train_examples",
+    "max_dev_examples",
+    "max_length",
+    "eval_every",
+    "patience",
+    "train_layernorm",
+    "pooling",
+    "head_layers",
+    "prefix_mlp",
+)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """TrainOptions from the flags a train command registered; options it has no flag for keep their defaults."""
+    kw = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
+    if hasattr(args, "no_dropout"):
+        kw["dropout"] = not args.no_dropout
+    if hasattr(args, "no_progress"):
+        kw["progress"] = not args.no_progress
+    return TrainOptions(**kw)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Entry of `adapterserve train`: train, report, write the artifact, optionally upload it."""
     import os
@@ -729,26 +761,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"adapterserve train: {exc}", file=sys.stderr)
         return 2
     backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
-    opts = TrainOptions(
-        epochs=args.epochs,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_train_examples=args.max_train_examples,
-        max_dev_examples=args.max_dev_examples,
-        max_length=args.max_length,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        dropout=not args.no_dropout,
-        train_layernorm=args.train_layernorm,
-        pooling=args.pooling,
-        head_layers=args.head_layers,
-        prefix_mlp=args.prefix_mlp,
-        progress=not args.no_progress,
-    )
+    opts = options_from_args(args)
     result = train(backbone, task, method=args.method, hyper=_hyper(args), options=opts)
     report = {
         "task": task.name,

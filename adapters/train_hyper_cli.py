@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.train import TrainOptions, write_artifact
+from adapters.train import options_from_args, write_artifact
 from adapters.train_hyper import (
     HYPER_DEFAULTS,
     HYPER_LR,
@@ -24,25 +24,6 @@ __all__ = ["add_hypernetwork_option", "add_train_hyper_parser", "run_train_hyper
 
 
 # -- command line ----------------------------------------------------------------------------------
-
-
-def _options(args: argparse.Namespace) -> TrainOptions:
-    return TrainOptions(
-        epochs=args.epochs,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_train_examples=args.max_train_examples,
-        max_dev_examples=args.max_dev_examples,
-        max_length=args.max_length,
-        eval_every=args.eval_every,
-        dropout=not args.no_dropout,
-        pooling=args.pooling,
-        progress=not args.no_progress,
-    )
 
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +117,12 @@ def run_train_hyper(args: argparse.Namespace) -> int:
             hyper[key] = getattr(args, key)
     backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
     result = train_hyper(
-        backbone, tasks, name=args.name, hyper=hyper, options=_options(args), temperature=args.temperature
+        backbone,
+        tasks,
+        name=args.name,
+        hyper=hyper,
+        options=options_from_args(args),
+        temperature=args.temperature,
     )
     write_hyper_artifacts(args.out, result, name=args.name)
     report = {
@@ -175,7 +161,9 @@ def run_train_task(args: argparse.Namespace) -> int:
         print(f"adapterserve train: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    result = train_task_embedding(backbone, task, hypernetwork=net, name=name, options=_options(args))
+    result = train_task_embedding(
+        backbone, task, hypernetwork=net, name=name, options=options_from_args(args)
+    )
     write_artifact(args.out, result.config, result.tensors)
     report = {
         "task": task.name,
