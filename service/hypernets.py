@@ -4,7 +4,9 @@ A hypernetwork is stored like any artifact (kind `hypernetworks`). Tasks of meth
 name one; when such a task's adapter is decoded, it resolves the hypernetwork's current version
 here, and on a device-slot miss the slot is generated from it instead of read. Each version is
 decoded once (float32 on the model's device) and kept; a new current version replaces it, and the
-listeners drop the generated adapters built from the old one.
+listeners drop the generated adapters built from the old one. `is_current` tells a decoded task
+whether the generator it holds is still the live one, so a task decoded across a swap is decoded
+again instead of cached.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -40,10 +42,13 @@ class Hypernetworks:
         self.spec = model.spec
         self.limits = limits
         self._decoded: dict[str, tuple[int, Hypernetwork]] = {}
+        # Bumped (under the guard) whenever an upload makes a version current: a decode that started
+        # before a swap must not install the generator it read over the new one.
+        self._swaps = 0
         self._guard = threading.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
-        self.listeners: list[Callable[[str], None]] = []
-        """Called with a hypernetwork's name after its current version changed."""
+        self.listeners: list[Callable[[str], Awaitable[None]]] = []
+        """Awaited with a hypernetwork's name after its current version changed."""
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -92,27 +97,45 @@ class Hypernetworks:
 
     def resolve(self, name: str) -> tuple[int, Hypernetwork]:
         """The current version of a hypernetwork and its decoded generator (any thread)."""
-        try:
-            version = self.store.current_version(KIND, validate_name(name))
-        except NotFound:
-            version = None
-        if version is None:
-            raise InvalidArtifact(
-                f"hypernetwork {name!r} does not exist; upload it first with POST /v1/hypernetworks/{name}"
-            )
+        validate_name(name)
+        while True:
+            with self._guard:
+                swaps = self._swaps
+            try:
+                version = self.store.current_version(KIND, name)
+            except NotFound:
+                version = None
+            if version is None:
+                raise InvalidArtifact(
+                    f"hypernetwork {name!r} does not exist; upload it first with POST /v1/hypernetworks/{name}"
+                )
+            with self._guard:
+                held = self._decoded.get(name)
+                if held is not None and held[0] == version:
+                    return held
+            art = self.store.get(KIND, name, version)
+            _, net = self.decode(art.config_bytes, art.weights_path)
+            with self._guard:
+                if self._swaps != swaps:
+                    # A version went live while this one was read: it may be older; look again.
+                    continue
+                held = self._decoded.get(name)
+                # Another thread may have decoded the same version meanwhile: keep one object per version.
+                if held is not None and held[0] == version:
+                    return held
+                self._decoded[name] = (version, net)
+                return version, net
+
+    def is_current(self, name: str, net: object) -> bool:
+        """Whether `net` is the generator of the hypernetwork's live version (any thread)."""
         with self._guard:
             held = self._decoded.get(name)
-            if held is not None and held[0] == version:
-                return held
-        art = self.store.get(KIND, name, version)
-        _, net = self.decode(art.config_bytes, art.weights_path)
+        return held is not None and held[1] is net
+
+    def is_live(self, net: object) -> bool:
+        """Whether `net` is the live generator of any hypernetwork (any thread)."""
         with self._guard:
-            held = self._decoded.get(name)
-            # Another thread may have decoded the same version meanwhile: keep one object per version.
-            if held is not None and held[0] == version:
-                return held
-            self._decoded[name] = (version, net)
-        return version, net
+            return any(held[1] is net for held in self._decoded.values())
 
     # -- management -----------------------------------------------------------------------------
 
@@ -141,8 +164,13 @@ class Hypernetworks:
             if activate:
                 with self._guard:
                     self._decoded[name] = (info.version, net)
+                    self._swaps += 1
                 for listener in self.listeners:
-                    listener(name)
+                    try:
+                        await listener(name)
+                    except Exception:
+                        # The version is stored and live; stale copies are still caught on their next use.
+                        log.exception("hypernetwork %s: dropping the old version's adapters failed", name)
             current = await asyncio.to_thread(self.store.current_version, KIND, name)
             return info, config, params, current == info.version
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,151 @@ async def test_a_new_hypernetwork_version_regenerates_its_tasks(running, artifac
         assert_outputs_close(await predict(client, "ta"), generated_outputs(v1, task, TEXTS))
         r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
         assert r.status_code == 201 and r.json()["version"] == 2
+        assert_outputs_close(await predict(client, "ta"), generated_outputs(v2, task, TEXTS))
+
+
+async def _force_a_miss(svc, task: str) -> None:
+    """Drop a task from both tiers, so its next request decodes it again."""
+    state = svc.registry.state(task)
+    svc.registry.host.drop(svc.registry.host.keys_of(task, state.uid))
+    await svc.engine.call(svc.device_slots.evict_where, svc.device_slots.resident_keys())
+
+
+def _pause_first_call(obj, name: str, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the first call of `obj.name` (on a loader thread) stop after it returns, until released.
+
+    Returns (reached, release): `reached` is set once the call has its result, the call returns once
+    `release` is set.
+    """
+    reached, release = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def paused(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not reached.is_set():
+            reached.set()
+            release.wait(timeout=60)
+        return out
+
+    monkeypatch.setattr(obj, name, paused)
+    return reached, release
+
+
+def _served_generator(svc, task: str):
+    """The generator of the task's cached decoded copy, and those its resident slots came from."""
+    state = svc.registry.state(task)
+    key = state.key(state.current)
+    cached = svc.registry.host._entries[key].hypernetwork
+    return cached, [net for k, net in svc.device_slots._nets.items() if k == key]
+
+
+async def test_a_task_decoded_while_its_hypernetwork_is_replaced_is_not_cached_with_the_old_one(
+    running, artifacts, monkeypatch
+):
+    async with running() as (app, client):
+        svc = app.state.service
+        spec = svc.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
+        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
+        assert (
+            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
+        ).status_code == 201
+        task = task_dir(artifacts, "ta", spec, seed=0)
+        assert (
+            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
+        ).status_code == 201
+        want_v1, want_v2 = generated_outputs(v1, task, TEXTS), generated_outputs(v2, task, TEXTS)
+        assert want_v1 != want_v2
+        await _force_a_miss(svc, "ta")
+
+        # The request's load resolves version 1 and stops there; version 2 goes live meanwhile
+        # (its upload drops the task's cached copies, of which there are none yet); then the load
+        # finishes with version 1's generator in hand.
+        reached, release = _pause_first_call(svc.hypernetworks, "resolve", monkeypatch)
+        admitted = asyncio.create_task(predict(client, "ta"))
+        try:
+            assert await asyncio.to_thread(reached.wait, 60)
+            r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
+            assert r.status_code == 201 and r.json()["version"] == 2 and r.json()["current"] is True
+        finally:
+            release.set()
+        during = await admitted
+        after = await predict(client, "ta")
+
+        assert_outputs_close(after, want_v2)
+        # The load landed after the swap: it was done again, so even its own request got version 2.
+        assert_outputs_close(during, want_v2)
+        _, live = svc.hypernetworks.resolve("shared")
+        cached, slots = _served_generator(svc, "ta")
+        assert cached is live and slots == [live]
+
+
+async def test_a_hypernetwork_decoded_while_a_new_version_goes_live_does_not_replace_it(
+    running, artifacts, monkeypatch
+):
+    async with running() as (app, client):
+        spec = app.state.service.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
+        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
+        assert (
+            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
+        ).status_code == 201
+        task = task_dir(artifacts, "ta", spec, seed=0)
+        assert (
+            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
+        ).status_code == 201
+    want_v2 = generated_outputs(v2, task, TEXTS)
+
+    # A restarted server (no warm-up) holds no decoded generator: the first request decodes
+    # version 1 from the store, and version 2 goes live before that decode is installed.
+    async with running(warmup=False) as (app, client):
+        svc = app.state.service
+        reached, release = _pause_first_call(svc.hypernetworks, "decode", monkeypatch)
+        admitted = asyncio.create_task(predict(client, "ta"))
+        try:
+            assert await asyncio.to_thread(reached.wait, 60)
+            r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
+            assert r.status_code == 201 and r.json()["version"] == 2
+        finally:
+            release.set()
+        during = await admitted
+        after = await predict(client, "ta")
+
+        assert_outputs_close(after, want_v2)
+        assert_outputs_close(during, want_v2)
+        version, live = svc.hypernetworks.resolve("shared")
+        assert version == 2
+        cached, slots = _served_generator(svc, "ta")
+        assert cached is live and slots == [live]
+
+
+async def test_a_new_hypernetwork_version_evicts_the_slots_generated_from_the_old_one(running, artifacts):
+    async with running() as (app, client):
+        svc = app.state.service
+        spec = svc.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
+        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
+        assert (
+            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
+        ).status_code == 201
+        task = task_dir(artifacts, "ta", spec, seed=0)
+        plain = make_artifact(artifacts, "plain", "lora", spec, seed=7)
+        for name, d in (("ta", task), ("plain", plain)):
+            assert (
+                await client.post(f"/v1/adapters/{name}", files=multipart(d), headers=admin())
+            ).status_code == 201
+            await predict(client, name)
+        old_slots = await svc.engine.call(svc.device_slots.resident_keys)
+        assert {k[0] for k in old_slots} == {"ta", "plain"}
+        assert (
+            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
+        ).status_code == 201
+        # By the time the upload answers, no slot holds the old generator's adapters; others stay.
+        assert [k[0] for k in await svc.engine.call(svc.device_slots.resident_keys)] == ["plain"]
+        assert (await client.get("/v1/adapters/ta", headers=admin())).json()["residency"]["device"] == []
         assert_outputs_close(await predict(client, "ta"), generated_outputs(v2, task, TEXTS))
 
 
