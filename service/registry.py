@@ -356,7 +356,7 @@ class Registry:
         task.add_done_callback(self._background.discard)
 
     def _fresh(self, adapter: Adapter) -> bool:
-        """Whether a decoded adapter still serves new requests: a generated one, only from the live generator."""
+        """Whether a decoded adapter may serve new requests (a generated one: from the live generator)."""
         if adapter.hypernetwork is None:
             return True
         hypernetworks = self.decoder.hypernetworks
