@@ -238,7 +238,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError("task embedding width does not match the hypernetwork")
         z = torch.stack([t["task_embedding"] for t in tensors_list]).to(self.backbone.device)
         with torch.no_grad():
-            return [[_cast(e, self.backbone.dtype) for e in es] for es in hypernetwork.entries(z)]
+            return hypernetwork.entries(z, dtype=self.backbone.dtype)
 
     def load(self, slot: int, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> None:
         """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""
@@ -389,16 +389,3 @@ class MultiTaskModel(nn.Module):
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
-
-
-def _cast(entry, dtype: torch.dtype):
-    """Cast an entry's tensors to the bank dtype (generation runs in the hypernetwork's dtype)."""
-    kw = {}
-    for k, v in entry.kwargs.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(dtype)
-        elif isinstance(v, tuple):
-            v = tuple(x.to(dtype) for x in v)
-        kw[k] = v
-    entry.kwargs = kw
-    return entry

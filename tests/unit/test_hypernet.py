@@ -114,15 +114,121 @@ def test_generated_weights_equal_reference(variant, family):
                         torch.testing.assert_close(got[f"{key}.{part}"], ref[part], rtol=0, atol=1e-5)
 
 
-def test_batched_generation_equals_single():
+def _assert_generates_reference(net, tensors, spec, *, variant: str, z: torch.Tensor) -> None:
+    generated = net.generate(z)
+    for t, got in enumerate(generated):
+        for stack, n in spec.stacks.items():
+            for i in range(n):
+                for site in ("attn", "ffn"):
+                    ref = _reference(
+                        tensors,
+                        spec,
+                        variant=variant,
+                        z=z[t],
+                        stack=stack,
+                        layer=i,
+                        site=site,
+                        sites=["attn", "ffn"],
+                    )
+                    for part, value in ref.items():
+                        torch.testing.assert_close(
+                            got[f"{stack}.{i}.{site}.{part}"].flatten(), value, rtol=0, atol=1e-5
+                        )
+
+
+@pytest.mark.parametrize("variant", ["hyperformer++", "hyperformer"])
+def test_batched_generation_equals_single(variant):
     spec = Backbone.from_model(_bert()).spec
-    _, _, net = _hyper(spec, variant="hyperformer++")
+    _, _, net = _hyper(spec, variant=variant)
     z = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     batched = net.generate(z)
     for t in (0, 7, 15):
         single = net.generate(z[t : t + 1])[0]
+        assert single.keys() == batched[t].keys()
         for name, value in single.items():
             torch.testing.assert_close(batched[t][name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["hyperformer++", "hyperformer"])
+def test_generation_follows_weights_changed_in_place(variant):
+    """What serving derives from the weights (first-layer constants, fused generators) is rebuilt."""
+    spec = Backbone.from_model(_bert()).spec
+    _, tensors, net = _hyper(spec, variant=variant)
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        net.generate(z)
+        _, changed, _ = _hyper(spec, variant=variant, seed=1)
+        for name in ("encoder.layer_embedding", "encoder.mlp.0.weight", "encoder.mlp.0.bias"):
+            net.p(name).copy_(changed[name])
+            tensors[name] = changed[name]
+        group = "" if variant == "hyperformer++" else "ffn."
+        if variant == "hyperformer++":
+            net.p("encoder.site_embedding").copy_(changed["encoder.site_embedding"])
+            tensors["encoder.site_embedding"] = changed["encoder.site_embedding"]
+        for name in (f"encoder.{group}gen.up_w.weight", f"encoder.{group}gen.ln_beta.bias"):
+            net.p(name).copy_(changed[name])
+            tensors[name] = changed[name]
+        _assert_generates_reference(net, tensors, spec, variant=variant, z=z)
+
+
+@pytest.mark.parametrize("variant", ["hyperformer++", "hyperformer"])
+def test_gradients_of_generation_equal_the_reference(variant):
+    """Training: gradients reach the hypernetwork's weights and the task embedding as in the formula."""
+    spec = Backbone.from_model(_bert()).spec
+    _, tensors, net = _hyper(spec, variant=variant)
+    net.requires_grad_(True)
+    with torch.no_grad():
+        net.generate(torch.zeros(1, 8))  # what serving keeps must not leak into training
+    z = torch.randn(1, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    probe = torch.randn(spec.hidden_size, generator=torch.Generator().manual_seed(6))
+    got = net.generate(z)[0]
+    loss = sum(
+        (got[f"encoder.{i}.{s}.up_w"] @ probe[:R]).square().sum() for i in range(2) for s in ("attn", "ffn")
+    )
+    loss = loss + sum(got[f"encoder.{i}.ffn.ln_gamma"].sum() for i in range(2))
+    loss.backward()
+    ref_tensors = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+    ref_z = z.detach().clone().requires_grad_(True)
+    ref_loss = 0
+    h = spec.hidden_size
+    for i in range(2):
+        for s in ("attn", "ffn"):
+            ref = _reference(
+                ref_tensors,
+                spec,
+                variant=variant,
+                z=ref_z[0],
+                stack="encoder",
+                layer=i,
+                site=s,
+                sites=["attn", "ffn"],
+            )
+            ref_loss = ref_loss + (ref["up_w"].view(h, R) @ probe[:R]).square().sum()
+            if s == "ffn":
+                ref_loss = ref_loss + ref["ln_gamma"].sum()
+    ref_loss.backward()
+    torch.testing.assert_close(z.grad, ref_z.grad, rtol=1e-4, atol=1e-5)
+    group = "" if variant == "hyperformer++" else "attn."
+    for name in ("encoder.layer_embedding", "encoder.mlp.0.weight", f"encoder.{group}gen.up_w.weight"):
+        assert ref_tensors[name].grad.abs().max() > 1e-2
+        torch.testing.assert_close(net.p(name).grad, ref_tensors[name].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_entries_are_cast_to_the_requested_dtype():
+    spec = Backbone.from_model(_bert()).spec
+    _, _, net = _hyper(spec, variant="hyperformer++")
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(7))
+    full = net.generate(z)
+    for t, entries in enumerate(net.entries(z, dtype=torch.bfloat16)):
+        assert len(entries) == 4
+        for e in entries:
+            assert e.kind == "seq"
+            for part in ("down_w", "down_b", "up_w", "up_b"):
+                assert e.kwargs[part].dtype == torch.bfloat16
+                assert torch.equal(e.kwargs[part], full[t][f"{e.key}.{part}"].to(torch.bfloat16))
+            gamma, beta = e.kwargs["ln"]
+            assert torch.equal(gamma, full[t][f"{e.key}.ln_gamma"].to(torch.bfloat16))
+            assert torch.equal(beta, full[t][f"{e.key}.ln_beta"].to(torch.bfloat16))
 
 
 def test_generated_adapter_equals_its_formula_in_the_model():
