@@ -268,10 +268,15 @@ def _evaluate(model: MultiTaskModel, net: Hypernetwork, task: _Task) -> dict[str
         model.backbone.model.train(was)
 
 
-def _sampling(tasks: list[_Task], temperature: float) -> torch.Tensor:
-    """Task probabilities proportional to size ** (1 / temperature)."""
+def _sampling(tasks: list[_Task], temperature: float, weights: list[float] | None = None) -> torch.Tensor:
+    """Task probabilities proportional to size ** (1 / temperature), or to explicit weights."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    if weights is not None:
+        if len(weights) != len(tasks) or min(weights) <= 0:
+            raise ValueError("weights: one positive number per task")
+        w = torch.tensor([float(x) for x in weights])
+        return w / w.sum()
     sizes = torch.tensor([float(len(t.train)) for t in tasks])
     p = sizes ** (1.0 / temperature)
     return p / p.sum()
@@ -298,9 +303,10 @@ def _fit(
     g: torch.Generator,
     desc: str,
     snapshot,
+    weights: list[float] | None = None,
 ) -> tuple[list[dict], int, dict | None]:
     """The training loop shared by both modes; returns (history, steps, best snapshot)."""
-    probs = _sampling(tasks, temperature)
+    probs = _sampling(tasks, temperature, weights)
     expected = sum(len(t.batches) * float(p) for t, p in zip(tasks, probs, strict=True))
     per_epoch = max(1, round(sum(len(t.batches) for t in tasks) if len(tasks) > 1 else expected))
     total = opts.steps or max(1, math.ceil(opts.epochs * per_epoch))
@@ -372,8 +378,13 @@ def train_hyper(
     options: TrainOptions | None = None,
     temperature: float = 1.0,
     task_lr_scale: float = TASK_LR_SCALE,
+    weights: list[float] | None = None,
 ) -> HyperResult:
-    """Train a hypernetwork, the task embeddings and heads jointly; keep the best mean-dev checkpoint."""
+    """Train a hypernetwork, the task embeddings and heads jointly; keep the best mean-dev checkpoint.
+
+    `weights` (one per task) replaces the size-based sampling, e.g. to give each task the share of
+    the steps its single-task run would take.
+    """
     opts = options or TrainOptions()
     _check_fresh(backbone)
     started = time.perf_counter()
@@ -413,6 +424,7 @@ def train_hyper(
         g=g,
         desc=f"hyper {'+'.join(t.name for t in tasks)}",
         snapshot=snapshot,
+        weights=weights,
     )
     best = best or snapshot()
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ if __package__ in (None, ""):
 
 from bench.common import emit, environment, log, setup
 
-__all__ = ["METHODS", "ROW_NAMES", "TASKS", "main", "render"]
+__all__ = ["HYPER_METHODS", "METHODS", "ROW_NAMES", "TASKS", "main", "render"]
 
 TASKS = ("SST-2", "MRPC", "RTE", "STS-B")
 METHODS = ("full", "bottleneck", "parallel", "lora", "prefix", "compacter", "tiny_attention")
@@ -42,8 +43,14 @@ ROW_NAMES = {
     "mam": "MAM (prefix 16 + parallel 16)",
     "mh_parallel": "MH parallel (4 per head)",
     "layernorm": "LayerNorm only",
+    "hyper_multi": "Hyperformer++ multi-task (shared generator)",
+    "hyper_new": "Hyperformer++ new task (embedding + head only)",
 }
 """Row labels: each method with the default hyperparameters (`METHOD_DEFAULTS`) it trains with."""
+HYPER_METHODS = ("hyper_multi", "hyper_new")
+"""Rows from a hypernetwork: generated bottleneck adapters (`adapters.train_hyper`), not per-task ones."""
+HYPER_REFERENCE = "bottleneck"
+"""The per-task adapter the hypernetwork rows are judged against: both are Houlsby-style bottlenecks."""
 
 
 def _fmt(v: float) -> str:
@@ -78,9 +85,17 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
         "",
         "Budget, the same for every row of a task (each task's section gives its number of training "
         "examples, a seeded random subset of the train set, and its epochs): "
-        f"max length {config['max_length']} tokens, batch size {config['batch_size']}, linear warm-up over "
+        f"max length {config['max_length']} tokens"
+        + "".join(f" ({t}: {n})" for t, n in (config.get("max_length_for") or {}).items())
+        + f", batch size {config['batch_size']}, linear warm-up over "
         f"{int(100 * config['warmup'])}% of the steps then linear decay, seed {config['seed']}, "
-        "each method at its default learning rate (`adapters.train.DEFAULT_LR`). "
+        "each method at its default learning rate (`adapters.train.DEFAULT_LR`)"
+        + (
+            " except " + ", ".join(f"{m} at {lr:g}" for m, lr in config["lr_for"].items())
+            if config.get("lr_for")
+            else ""
+        )
+        + ". "
         "The score is the best dev score over the per-epoch evaluations (the checkpoint the trainer keeps), "
         "computed through the serving forward on the full dev set. Trainable % counts the adapter and the "
         "head against the backbone's 22.7M parameters. The baseline row predicts the full training set's "
@@ -131,7 +146,49 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
         out.append("")
     out += _summary(summary, config=config)
     out += _shortfalls(summary, by_task=by_task, config=config)
+    out += _hyper_summary(by_task, config=config)
     return "\n".join(out) + "\n"
+
+
+HYPER_GOALS = {"hyper_multi": 0.01, "hyper_new": 0.03}
+"""How far (score, 0-1) behind the per-task adapter each hypernetwork row may be on average."""
+
+
+def _hyper_summary(by_task: dict[str, list[dict]], *, config: dict) -> list[str]:
+    """The hypernetwork rows against the per-task bottleneck adapter of the same task and budget."""
+    ref_name = ROW_NAMES[HYPER_REFERENCE]
+    lines = []
+    for method in HYPER_METHODS:
+        gaps = []
+        for task, rows in by_task.items():
+            mine = next((r for r in rows if r["method"] == method), None)
+            ref = next((r for r in rows if r["method"] == HYPER_REFERENCE), None)
+            if mine is not None and ref is not None:
+                gaps.append((task, mine["dev"]["score"] - ref["dev"]["score"]))
+        if not gaps:
+            continue
+        mean = sum(d for _, d in gaps) / len(gaps)
+        goal = HYPER_GOALS[method]
+        verdict = "meets" if round(100 * mean, 1) >= -100 * goal else "misses"
+        cells = ", ".join(f"{t} {100 * d:+.1f}" for t, d in gaps)
+        lines.append(
+            f"| {ROW_NAMES[method]} | {cells} | {100 * mean:+.1f} | within {100 * goal:.0f} | {verdict} |"
+        )
+    if not lines:
+        return []
+    frm = "+".join(config.get("hyper_tasks") or [])
+    return [
+        "## Hypernetwork rows against per-task adapters",
+        "",
+        f"Score difference to the per-task {ref_name} of the same task and budget (points). The "
+        f"multi-task rows come from one hypernetwork trained jointly on {frm}; a new-task row keeps that "
+        "hypernetwork frozen and learns only the task's embedding (64 numbers) and head.",
+        "",
+        "| rows | per task | mean | goal (points) | verdict |",
+        "|---|---|---:|---:|---|",
+        *lines,
+        "",
+    ]
 
 
 def _summary(gaps: list[tuple[str, str, float]], *, config: dict) -> list[str]:
@@ -243,14 +300,23 @@ def _rows_of(path: Path) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
     return out, list(cfg.get("commands") or [cfg["command"]])
 
 
-def _parse_epochs_for(items: list[str]) -> dict[str, float]:
+def _parse_pairs(items: list[str], *, flag: str) -> dict[str, float]:
     out = {}
     for item in items:
-        task, sep, value = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--epochs-for expects TASK=EPOCHS, got {item!r}")
-        out[task] = float(value)
+            raise SystemExit(f"{flag} expects NAME=NUMBER, got {item!r}")
+        out[key] = float(value)
     return out
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _steps(n_examples: int, *, epochs: float, batch_size: int) -> int:
+    """Optimizer steps of a single-task row (as `adapters.train` counts them)."""
+    return max(1, math.ceil(epochs * math.ceil(n_examples / batch_size)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--train-examples", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--train-examples-for", action="append", default=[], metavar="TASK=N")
     p.add_argument("--epochs-for", action="append", default=[], metavar="TASK=EPOCHS")
+    p.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="a method's peak learning rate instead of its default (repeatable)",
+    )
+    p.add_argument(
+        "--hyper-tasks",
+        default="",
+        help="also train one Hyperformer++ jointly on these tasks (comma list): the multi-task rows",
+    )
+    p.add_argument(
+        "--hyper-new",
+        default="",
+        help="tasks (not in --hyper-tasks) that learn only an embedding for that frozen hypernetwork",
+    )
+    p.add_argument("--hyper-out", type=Path, help="write the hypernetwork and its task artifacts here")
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length-for", action="append", default=[], metavar="TASK=TOKENS")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=float, default=0.06)
     p.add_argument("--seed", type=int, default=0)
@@ -283,18 +369,37 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.data import load_glue
     from adapters.train import TrainOptions, train
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    epochs_for = _parse_epochs_for(args.epochs_for)
+    tasks = _names(args.tasks)
+    methods = _names(args.methods)
+    hyper_tasks, hyper_new = _names(args.hyper_tasks), _names(args.hyper_new)
+    if set(hyper_tasks) & set(hyper_new):
+        raise SystemExit("--hyper-new tasks must be new to the hypernetwork: not in --hyper-tasks")
+    if hyper_new and not hyper_tasks:
+        raise SystemExit("--hyper-new needs --hyper-tasks (the hypernetwork it learns embeddings for)")
+    epochs_for = _parse_pairs(args.epochs_for, flag="--epochs-for")
+    examples_for = {
+        k: int(v) for k, v in _parse_pairs(args.train_examples_for, flag="--train-examples-for").items()
+    }
+    lr_for = _parse_pairs(args.lr_for, flag="--lr-for")
+    length_for = {k: int(v) for k, v in _parse_pairs(args.max_length_for, flag="--max-length-for").items()}
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     config = {
         "command": command.strip(),
-        "tasks": tasks,
-        "methods": methods,
+        "tasks": [*tasks, *[t for t in (*hyper_tasks, *hyper_new) if t not in tasks]],
+        "methods": [
+            *methods,
+            *(["hyper_multi"] if hyper_tasks else []),
+            *(["hyper_new"] if hyper_new else []),
+        ],
         "train_examples": args.train_examples,
+        "train_examples_for": examples_for,
         "epochs": args.epochs,
         "epochs_for": epochs_for,
+        "lr_for": lr_for,
+        "hyper_tasks": hyper_tasks,
+        "hyper_new": hyper_new,
         "max_length": args.max_length,
+        "max_length_for": length_for,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -305,61 +410,192 @@ def main(argv: list[str] | None = None) -> int:
     config["commands"] = [*earlier, config["command"]]
     rows: list[dict] = []
     config["baselines"] = {}
+    loaded: dict[str, object] = {}
+
+    def task_data(name: str):
+        if name not in loaded:
+            loaded[name] = load_glue(name, root=args.glue_dir)
+            config["baselines"][name] = _baseline(loaded[name])
+        return loaded[name]
+
+    def budget_of(name: str, **extra) -> dict:
+        return {
+            "train_examples": examples_for.get(name, args.train_examples),
+            "epochs": epochs_for.get(name, args.epochs),
+            "max_length": length_for.get(name, args.max_length),
+            "batch_size": args.batch_size,
+            "warmup": args.warmup,
+            "seed": args.seed,
+        } | extra
+
+    def options(name: str, **extra) -> TrainOptions:
+        return TrainOptions(
+            epochs=epochs_for.get(name, args.epochs),
+            batch_size=args.batch_size,
+            warmup=args.warmup,
+            seed=args.seed,
+            max_train_examples=examples_for.get(name, args.train_examples),
+            max_length=length_for.get(name, args.max_length),
+            progress=False,
+            **extra,
+        )
+
+    def reused(name: str, method: str, budget: dict) -> dict | None:
+        done = previous.get((name, method, json.dumps(budget, sort_keys=True)))
+        if done is not None:
+            log(f"{name} {method}: measured by the earlier run, reused")
+        return done
+
+    def add(row: dict, *, fresh: bool) -> None:
+        rows.append(row)
+        if fresh:
+            emit({k: v for k, v in row.items() if k != "history"})
+            log(f"{row['task']} {row['method']}: dev {row['dev'].get('score', float('nan')):.4f}")
+        args.out.write_text(render(rows=rows, config=config, complete=False), encoding="utf-8")
+        if args.json:
+            args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1), encoding="utf-8")
+
     for task_name in tasks:
-        task = load_glue(task_name, root=args.glue_dir)
-        config["baselines"][task_name] = _baseline(task)
-        epochs = epochs_for.get(task_name, args.epochs)
+        task = task_data(task_name)
         for method in methods:
-            opts = TrainOptions(
-                epochs=epochs,
-                batch_size=args.batch_size,
-                warmup=args.warmup,
-                seed=args.seed,
-                max_train_examples=args.train_examples,
-                max_length=args.max_length,
-                progress=False,
-            )
-            budget = {
-                "train_examples": args.train_examples,
-                "epochs": epochs,
-                "max_length": args.max_length,
-                "batch_size": args.batch_size,
-                "warmup": args.warmup,
-                "seed": args.seed,
-            }
-            done = previous.get((task_name, method, json.dumps(budget, sort_keys=True)))
+            budget = budget_of(task_name, **({"lr": lr_for[method]} if method in lr_for else {}))
+            done = reused(task_name, method, budget)
             if done is not None:
-                log(f"{task_name} {method}: measured by the earlier run, reused")
-                rows.append(done)
+                add(done, fresh=False)
                 continue
             log(f"{task_name} {method}: training")
             # a fresh backbone per row: training wraps its projections, and `full` changes its weights
             backbone = load_backbone(device="cpu", dtype="float32")
-            result = train(backbone, task, method=method, options=opts)
-            row = {
-                "task": task_name,
-                "method": method,
-                "dev": result.dev,
-                "baseline": result.baseline,
-                "trainable_params": result.trainable_params,
-                "trainable_percent": result.trainable_percent,
-                "steps": result.steps,
-                "epochs": epochs,
-                "train_examples": result.train_examples,
-                "seconds": result.seconds,
-                "budget": budget,
-                "history": result.history,
-            }
-            rows.append(row)
-            emit({k: v for k, v in row.items() if k != "history"})
-            log(
-                f"{task_name} {method}: dev {result.dev.get('score', float('nan')):.4f} in {result.seconds:.0f}s"
+            result = train(backbone, task, method=method, options=options(task_name, lr=lr_for.get(method)))
+            add(
+                {
+                    "task": task_name,
+                    "method": method,
+                    "dev": result.dev,
+                    "baseline": result.baseline,
+                    "trainable_params": result.trainable_params,
+                    "trainable_percent": result.trainable_percent,
+                    "steps": result.steps,
+                    "epochs": budget["epochs"],
+                    "train_examples": result.train_examples,
+                    "seconds": result.seconds,
+                    "budget": budget,
+                    "history": result.history,
+                },
+                fresh=True,
             )
-            args.out.write_text(render(rows=rows, config=config, complete=False), encoding="utf-8")
-            if args.json:
-                args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1), encoding="utf-8")
+    if hyper_tasks:
+        _hyper_rows(
+            hyper_tasks,
+            hyper_new,
+            task_data=task_data,
+            budget_of=budget_of,
+            options=options,
+            reused=reused,
+            add=add,
+            args=args,
+        )
     args.out.write_text(render(rows=rows, config=config, complete=True), encoding="utf-8")
     return 0
+
+
+def _hyper_rows(hyper_tasks, hyper_new, *, task_data, budget_of, options, reused, add, args) -> None:
+    """One joint Hyperformer++ run (a row per task), then new tasks learning only their embedding.
+
+    Same budget as the single-task rows: each task's seeded subset of the same size, and the joint
+    run takes the sum of the single-task runs' steps, each task drawn with probability proportional
+    to its own row's steps (so each sees about as many batches as it would alone).
+    """
+    from adapters.backbone import load_backbone
+    from adapters.train_hyper import train_hyper, train_task_embedding, write_hyper_artifacts
+
+    shapes = {(budget_of(t)["train_examples"], budget_of(t)["max_length"]) for t in hyper_tasks}
+    if len(shapes) > 1:
+        # one joint run has one subset size and one length for every task
+        raise SystemExit("--hyper-tasks must share their training-example count and max length")
+    datas = [task_data(t) for t in hyper_tasks]
+    sizes = [
+        min(budget_of(t)["train_examples"], len(d.train)) for t, d in zip(hyper_tasks, datas, strict=True)
+    ]
+    steps = [
+        _steps(n, epochs=budget_of(t)["epochs"], batch_size=args.batch_size)
+        for t, n in zip(hyper_tasks, sizes, strict=True)
+    ]
+    multi_budgets = {t: budget_of(t, hyper_tasks=hyper_tasks) for t in hyper_tasks}
+    new_budgets = {t: budget_of(t, hypernetwork_from=hyper_tasks) for t in hyper_new}
+    done = {t: reused(t, "hyper_multi", b) for t, b in multi_budgets.items()}
+    done_new = {t: reused(t, "hyper_new", b) for t, b in new_budgets.items()}
+    if all(done.values()) and all(done_new.values()):
+        for row in [*done.values(), *done_new.values()]:
+            add(row, fresh=False)
+        return
+    log(f"hypernetwork on {'+'.join(hyper_tasks)}: training, {sum(steps)} steps")
+    backbone = load_backbone(device="cpu", dtype="float32")
+    n_backbone = sum(p.numel() for p in backbone.model.parameters())
+    result = train_hyper(
+        backbone,
+        datas,
+        name="quality",
+        options=options(hyper_tasks[0], steps=sum(steps)),
+        weights=[float(s) for s in steps],
+    )
+    if args.hyper_out:
+        write_hyper_artifacts(args.hyper_out, result, name="quality")
+    shared = sum(v.numel() for v in result.tensors.values())
+    for t, tr, n_steps in zip(hyper_tasks, result.tasks, steps, strict=True):
+        own = sum(v.numel() for v in tr.tensors.values())
+        # the generator is shared: each task carries its share of it
+        params = own + shared / len(hyper_tasks)
+        add(
+            {
+                "task": t,
+                "method": "hyper_multi",
+                "dev": tr.dev,
+                "baseline": {},
+                "trainable_params": round(params),
+                "trainable_percent": 100.0 * params / n_backbone,
+                "steps": n_steps,
+                "epochs": multi_budgets[t]["epochs"],
+                "train_examples": tr.train_examples,
+                "seconds": result.seconds * n_steps / result.steps,
+                "budget": multi_budgets[t],
+                "history": [],
+            },
+            fresh=True,
+        )
+    from adapters.hypernet import Hypernetwork
+
+    net = Hypernetwork.from_tensors(result.config, result.tensors, backbone.spec)
+    for t in hyper_new:
+        log(f"{t} hyper_new: training the task embedding")
+        started = time.perf_counter()
+        tr = train_task_embedding(
+            load_backbone(device="cpu", dtype="float32"),
+            task_data(t),
+            hypernetwork=net,
+            name="quality",
+            options=options(t),
+        )
+        own = sum(v.numel() for v in tr.tensors.values())
+        add(
+            {
+                "task": t,
+                "method": "hyper_new",
+                "dev": tr.dev,
+                "baseline": {},
+                "trainable_params": own,
+                "trainable_percent": 100.0 * own / n_backbone,
+                "steps": _steps(
+                    tr.train_examples, epochs=new_budgets[t]["epochs"], batch_size=args.batch_size
+                ),
+                "epochs": new_budgets[t]["epochs"],
+                "train_examples": tr.train_examples,
+                "seconds": time.perf_counter() - started,
+                "budget": new_budgets[t],
+                "history": [],
+            },
+            fresh=True,
+        )
 
 
 if __name__ == "__main__":
