@@ -278,7 +278,15 @@ def _routes(app: FastAPI) -> None:
         openapi_extra=UPLOAD_BODY,
     )
     async def upload_hypernetwork(
-        name: TaskName, request: Request, activate: bool = Query(default=True)
+        name: TaskName,
+        request: Request,
+        activate: bool = Query(default=True),
+        version: int | None = Query(
+            default=None,
+            ge=1,
+            le=999_999_999,
+            description="Store as exactly this version number; 409 if the hypernetwork already has it.",
+        ),
     ) -> UploadResult:
         """Upload a shared hypernetwork version (multipart: `config` JSON, `weights` safetensors)."""
         svc = _svc(request)
@@ -287,7 +295,7 @@ def _routes(app: FastAPI) -> None:
             request,
             name=name,
             store=lambda config, weights: svc.hypernetworks.upload(
-                name, config_bytes=config, weights_path=weights, activate=activate
+                name, config_bytes=config, weights_path=weights, activate=activate, version=version
             ),
         )
         return UploadResult(

@@ -85,6 +85,8 @@ __all__ = [
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter.safetensors"
+HYPER_CONFIG = "hypernetwork_config.json"
+HYPER_WEIGHTS = "hypernetwork.safetensors"
 Progress = Callable[[int, int], None]
 """Called with (bytes sent, bytes in all) while an upload's weights are sent."""
 
@@ -225,17 +227,19 @@ class _Tries:
         return delay
 
 
-def _artifact_files(directory: str | Path, progress: Progress | None) -> Files:
+def _artifact_files(
+    directory: str | Path, progress: Progress | None, *, config: str = CONFIG, weights: str = WEIGHTS
+) -> Files:
     d = Path(directory)
 
     def files(stack: contextlib.ExitStack) -> dict[str, Any]:
-        config = (d / CONFIG).read_bytes()
-        path = d / WEIGHTS
-        weights = _ProgressFile(path, progress) if progress else open(path, "rb")  # noqa: SIM115
-        stack.enter_context(weights)
+        config_bytes = (d / config).read_bytes()
+        path = d / weights
+        fh = _ProgressFile(path, progress) if progress else open(path, "rb")  # noqa: SIM115
+        stack.enter_context(fh)
         return {
-            "config": (CONFIG, config, "application/json"),
-            "weights": (WEIGHTS, weights, "application/octet-stream"),
+            "config": (config, config_bytes, "application/json"),
+            "weights": (weights, fh, "application/octet-stream"),
         }
 
     return files
@@ -367,11 +371,20 @@ class _Routes:
     # -- hypernetworks --------------------------------------------------------------------------
 
     def upload_hypernetwork(
-        self, name: str, directory: str | Path, *, activate: bool = True, progress: Progress | None = None
+        self,
+        name: str,
+        directory: str | Path,
+        *,
+        activate: bool = True,
+        version: int | None = None,
+        progress: Progress | None = None,
     ) -> UploadResult:
-        """Upload a shared hypernetwork artifact directory as a new version."""
+        """Upload a hypernetwork directory (hypernetwork_config.json + .safetensors) as a new version."""
         return self._upload(
-            f"/v1/hypernetworks/{name}", _artifact_files(directory, progress), activate=activate, version=None
+            f"/v1/hypernetworks/{name}",
+            _artifact_files(directory, progress, config=HYPER_CONFIG, weights=HYPER_WEIGHTS),
+            activate=activate,
+            version=version,
         )
 
     def hypernetworks(self) -> list[HypernetworkSummary]:

@@ -107,7 +107,8 @@ class Hypernetworks:
                 version = None
             if version is None:
                 raise InvalidArtifact(
-                    f"hypernetwork {name!r} does not exist; upload it first with POST /v1/hypernetworks/{name}"
+                    f"hypernetwork {name!r} does not exist; "
+                    f"upload it first with POST /v1/hypernetworks/{name}"
                 )
             with self._guard:
                 held = self._decoded.get(name)
@@ -140,9 +141,15 @@ class Hypernetworks:
     # -- management -----------------------------------------------------------------------------
 
     async def upload(
-        self, name: str, *, config_bytes: bytes, weights_path: Path, activate: bool
+        self,
+        name: str,
+        *,
+        config_bytes: bytes,
+        weights_path: Path,
+        activate: bool,
+        version: int | None = None,
     ) -> tuple[VersionInfo, HypernetworkConfig, int, bool]:
-        """Validate and store a new version; returns (info, config, parameter count, is current)."""
+        """Store a validated version (`version`: that number or 409): (info, config, parameters, current)."""
         validate_name(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             held: dict[str, tuple[HypernetworkConfig, Hypernetwork]] = {}
@@ -156,6 +163,7 @@ class Hypernetworks:
                 name,
                 config_bytes=config_bytes,
                 weights_src=weights_path,
+                version=version,
                 activate=activate,
                 validate=validate,
             )

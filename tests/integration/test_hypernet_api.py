@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from api_support import (
+    ADMIN,
     Reference,
     admin,
     assert_outputs_close,
@@ -24,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.heads import decode_row
 from adapters.hypernet import Hypernetwork
 from adapters.model import BankConfig, MultiTaskModel
+from service.client import AsyncClient, ConflictError
 from store.artifact import expected_tensors, hypernetwork_tensors, parse_config
 from store.safetensors_io import write_safetensors
 
@@ -386,6 +390,112 @@ async def test_a_new_hypernetwork_version_evicts_the_slots_generated_from_the_ol
         assert [k[0] for k in await svc.engine.call(svc.device_slots.resident_keys)] == ["plain"]
         assert (await client.get("/v1/adapters/ta", headers=admin())).json()["residency"]["device"] == []
         assert_outputs_close(await predict(client, "ta"), generated_outputs(v2, task, TEXTS))
+
+
+async def test_hypernetwork_versions_as_task_uploads_number_them(running, artifacts):
+    async with running() as (app, client):
+        spec = app.state.service.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        dirs = [write_hyper(artifacts, f"h{i}", cfg, hyper_arrays(cfg, spec, seed=i)) for i in range(3)]
+
+        async def post(d: Path, **params) -> tuple[int, dict]:
+            r = await client.post(
+                "/v1/hypernetworks/shared", files=hyper_parts(d), headers=admin(), params=params
+            )
+            return r.status_code, r.json()
+
+        status, body = await post(dirs[0], version=5)
+        assert (status, body["version"], body["current"]) == (201, 5, True)
+        status, body = await post(dirs[1], version=5)
+        assert (
+            status == 409 and body["error"]["type"] == "version_conflict" and "5" in body["error"]["message"]
+        )
+        # Without ?version the next upload appends after the highest number.
+        status, body = await post(dirs[1])
+        assert (status, body["version"], body["current"]) == (201, 6, True)
+        status, body = await post(dirs[2], version=3, activate="false")
+        assert (status, body["version"], body["current"]) == (201, 3, False)
+        for bad in (0, -1, "x", 10**9):
+            assert (await post(dirs[2], version=bad))[0] == 422, bad
+        listed = (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"]
+        assert [(h["current_version"], h["versions"]) for h in listed] == [(6, [3, 5, 6])]
+
+        # A lower number made current explicitly serves, as a task's does.
+        status, body = await post(dirs[2], version=4)
+        assert (status, body["version"], body["current"]) == (201, 4, True)
+        task = task_dir(artifacts, "ta", spec, seed=0)
+        assert (
+            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
+        ).status_code == 201
+        assert_outputs_close(await predict(client, "ta"), generated_outputs(dirs[2], task, TEXTS))
+
+
+async def test_concurrent_uploads_of_one_hypernetwork_version_store_one(running, artifacts, tmp_path):
+    async with running() as (app, client):
+        spec = app.state.service.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        dirs = [write_hyper(artifacts, f"c{i}", cfg, hyper_arrays(cfg, spec, seed=10 + i)) for i in range(8)]
+        digests = [hashlib.sha256((d / "hypernetwork.safetensors").read_bytes()).hexdigest() for d in dirs]
+        outcomes: list[tuple[int, int, dict]] = []
+        start = asyncio.Event()
+
+        async def contender(i: int) -> None:
+            await start.wait()
+            for _ in range(3):
+                r = await client.post(
+                    "/v1/hypernetworks/race",
+                    files=hyper_parts(dirs[i]),
+                    headers=admin(),
+                    params={"version": 7},
+                )
+                outcomes.append((i, r.status_code, r.json()))
+
+        workers = [asyncio.create_task(contender(i)) for i in range(len(dirs))]
+        start.set()
+        await asyncio.gather(*workers)
+        statuses = [s for _, s, _ in outcomes]
+        assert len(statuses) == 24 and statuses.count(201) == 1 and statuses.count(409) == 23
+        winner, _, body = next(o for o in outcomes if o[1] == 201)
+        assert body["version"] == 7 and body["sha256"] == digests[winner] and body["current"] is True
+        assert all(b["error"]["type"] == "version_conflict" for _, s, b in outcomes if s == 409)
+        listed = (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"]
+        assert [(h["name"], h["current_version"], h["versions"]) for h in listed] == [("race", 7, [7])]
+        stored = tmp_path / "store" / "hypernetworks" / "race" / "v7" / "hypernetwork.safetensors"
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digests[winner]
+        text = (await client.get("/metrics")).text
+        assert sample(text, "adapterserve_uploads_total", result="conflict") == 23
+        # The winner is the generator that serves.
+        task = task_dir(artifacts, "ta", spec, seed=0, hypernetwork="race")
+        assert (
+            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
+        ).status_code == 201
+        assert_outputs_close(await predict(client, "ta"), generated_outputs(dirs[winner], task, TEXTS))
+
+
+async def test_the_async_client_uploads_hypernetwork_versions(running, artifacts):
+    async with running() as (app, _client):
+        spec = app.state.service.backbone.spec
+        cfg = hyper_config(spec.fingerprint)
+        dirs = [write_hyper(artifacts, f"h{i}", cfg, hyper_arrays(cfg, spec, seed=i)) for i in range(2)]
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://test", key=ADMIN, transport=transport) as api:
+            sent: list[tuple[int, int]] = []
+            up = await api.upload_hypernetwork(
+                "shared", dirs[0], version=2, progress=lambda done, total: sent.append((done, total))
+            )
+            assert (up.task, up.version, up.current, up.method) == ("shared", 2, True, "hypernetwork")
+            size = (dirs[0] / "hypernetwork.safetensors").stat().st_size
+            assert (
+                up.sha256 == hashlib.sha256((dirs[0] / "hypernetwork.safetensors").read_bytes()).hexdigest()
+            )
+            assert sent[-1] == (size, size)
+            with pytest.raises(ConflictError) as err:
+                await api.upload_hypernetwork("shared", dirs[1], version=2)
+            assert err.value.status == 409 and err.value.kind == "version_conflict"
+            up = await api.upload_hypernetwork("shared", dirs[1], activate=False)
+            assert (up.version, up.current) == (3, False)
+            [summary] = await api.hypernetworks()
+            assert (summary.name, summary.current_version, summary.versions) == ("shared", 2, [2, 3])
 
 
 async def test_error_codes(running, artifacts):
