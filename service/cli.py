@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
+        limit_concurrency=settings.max_connections,
     )
     server = DrainingServer(config, drain=lambda: app.state.service.drain(settings.drain_timeout_s))
     server.run()

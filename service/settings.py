@@ -117,6 +117,15 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=10_000, description="How long the first row of a batch waits for company."
     )
     max_queue: int = Field(default=1024, ge=1, description="Most queued rows; past it requests answer 429.")
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most open connections plus in-flight requests (uvicorn's limit_concurrency); past it a "
+            "request answers 503 before it is read, so a flood of clients cannot exhaust the process; "
+            "empty: no limit (the row queue still bounds the work)."
+        ),
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="Deadline of a request; still queued past it, it answers 504."
     )

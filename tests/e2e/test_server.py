@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -128,6 +129,22 @@ def test_cli_upload(start_server, tiny_model_dir, tmp_path):
     assert '"version": 1' in done.stdout and '"method": "ia3"' in done.stdout
     done = subprocess.run([*cmd, "--key", API], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "401" in done.stderr
+
+
+def test_connections_past_max_connections_answer_503_until_some_close(start_server, tiny_model_dir):
+    """Idle connections count against the limit: the next request is refused unread, and served once they go."""
+    server = start_server(backbone=tiny_model_dir, max_connections=3)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    # the server notices the closed sockets asynchronously; it is another process, so poll
+    deadline = time.monotonic() + 10
+    while (status := httpx.get(f"{server.url}/livez", timeout=10).status_code) != 200:
+        assert time.monotonic() < deadline, f"still {status} after the idle connections closed"
+        time.sleep(0.05)
 
 
 def test_hot_swap_under_concurrent_load(start_server, tiny_model_dir, tmp_path):
