@@ -49,7 +49,8 @@ class Hypernetwork(nn.Module):
         }
         h, r = spec.hidden_size, config.bottleneck_dim
         self._widths = [r * h, r, h * r, h, h, h]
-        self._part_shapes = [(r, h), (r,), (h, r), (h,), (h,), (h,)]
+        # up_w comes out of the product as [r, h] (see _generator) and is handed on as its [h, r] view
+        self._part_shapes = [(r, h), (r,), (r, h), (h,), (h,), (h,)]
         # Serving: values derived from the weights, by name -> (weights' identity and versions, value).
         self._held: dict[str, tuple[tuple, object]] = {}
 
@@ -92,11 +93,18 @@ class Hypernetwork(nn.Module):
         group = f"{stack}." if site is None else f"{stack}.{site}."
         ws = [self.p(f"{group}gen.{part}.weight") for part in _GENERATED]
         bs = [self.p(f"{group}gen.{part}.bias") for part in _GENERATED]
-        # Contiguous [E + 1, N] with the bias as a row: on CPU about twice as fast as F.linear's
-        # [N, E] weight plus a separate bias pass, the product being ~0.9 MB per task.
-        return self._derived(
-            f"gen:{group}", ws + bs, lambda: torch.cat([torch.cat(ws).t(), torch.cat(bs)[None]]).contiguous()
-        )
+        h, r = self.spec.hidden_size, self.config.bottleneck_dim
+
+        def build():
+            # up_w's rows reordered from [h, r] to [r, h]: banks store up transposed, and copying
+            # a contiguous block into a slot is twice as fast as copying a transpose.
+            w = [*ws[:2], ws[2].view(h, r, -1).transpose(0, 1).reshape(h * r, -1), *ws[3:]]
+            b = [*bs[:2], bs[2].view(h, r).t().reshape(-1), *bs[3:]]
+            # Contiguous [E + 1, N] with the bias as a row: on CPU about twice as fast as F.linear's
+            # [N, E] weight plus a separate bias pass, the product being ~0.9 MB per task.
+            return torch.cat([torch.cat(w).t(), torch.cat(b)[None]]).contiguous()
+
+        return self._derived(f"gen:{group}", ws + bs, build)
 
     def _first_layer(self, stack: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP's first layer as (its task-embedding columns, the per-row constant [groups, hidden]).
@@ -152,10 +160,12 @@ class Hypernetwork(nn.Module):
                 if dtype is not None:
                     out = out.to(dtype)
                 # unbind makes every row's view in one call, not one Python index per tensor
-                parts = [
-                    piece.unflatten(1, shape).unbind(0)
+                pieces = [
+                    piece.unflatten(1, shape)
                     for piece, shape in zip(out.split(self._widths, dim=1), self._part_shapes, strict=True)
                 ]
+                pieces[2] = pieces[2].transpose(1, 2)
+                parts = [piece.unbind(0) for piece in pieces]
                 groups.append(([f"{stack}.{i}.{s}" for i, s in rows], parts))
         return groups
 
