@@ -542,7 +542,11 @@ def write_artifact(directory: str | Path, config, tensors: dict[str, torch.Tenso
 
 
 def upload(directory: str | Path, *, url: str, task: str, key: str | None = None) -> dict:
-    """POST an artifact directory to a server as a new version of `task`; returns the server's answer."""
+    """POST an artifact directory to a server as a new version of `task`; returns the server's answer.
+
+    This is `train --upload`: a refused or failed upload exits (SystemExit, status 1) with the
+    server's reason and where the artifact is kept, never with a traceback.
+    """
     import httpx
 
     d = Path(directory)
@@ -550,14 +554,26 @@ def upload(directory: str | Path, *, url: str, task: str, key: str | None = None
     if "/v1/adapters/" not in target:
         target = f"{target}/v1/adapters/{task}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with open(d / "adapter.safetensors", "rb") as weights:
-        files = {
-            "config": ("adapter_config.json", (d / "adapter_config.json").read_bytes(), "application/json"),
-            "weights": ("adapter.safetensors", weights, "application/octet-stream"),
-        }
-        resp = httpx.post(target, files=files, headers=headers, timeout=120.0)
+    kept = f"the artifact is kept in {d} (adapterserve upload {task} {d} sends it again)"
+    config = (d / "adapter_config.json").read_bytes()
+    try:
+        with open(d / "adapter.safetensors", "rb") as weights:
+            files = {
+                "config": ("adapter_config.json", config, "application/json"),
+                "weights": ("adapter.safetensors", weights, "application/octet-stream"),
+            }
+            resp = httpx.post(target, files=files, headers=headers, timeout=120.0)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"adapterserve train: could not upload to {target}: {exc}; {kept}") from None
     if not resp.is_success:
-        raise RuntimeError(f"upload to {target} failed: {resp.status_code} {resp.text[:300]}")
+        try:
+            error = resp.json()["error"]
+            reason = f"{error['type']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            reason = resp.text[:300]
+        raise SystemExit(
+            f"adapterserve train: {target} refused the upload of {task!r}: {resp.status_code} {reason}; {kept}"
+        )
     return resp.json()
 
 
