@@ -34,6 +34,9 @@ RUN groupadd --system --gid 10001 adapterserve \
  && mkdir -p /data \
  && chown adapterserve:adapterserve /data
 COPY --from=build /opt/venv /opt/venv
+# the demo tasks (2.6 MB), seeded into an empty store at first start as `make serve` does;
+# ADAPTERSERVE_SEED_DIR= (empty) starts with an empty store instead
+COPY examples /opt/adapterserve/examples
 # Settings come from the environment (every ADAPTERSERVE_* variable of the README's table).
 # Inside the container the service binds all interfaces; publish the port on the host's loopback
 # (compose does) unless it is meant to be reachable. dtype auto is bfloat16 on a GPU.
@@ -44,6 +47,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ADAPTERSERVE_HOST=0.0.0.0 \
     ADAPTERSERVE_PORT=8000 \
     ADAPTERSERVE_STORE=/data/store \
+    ADAPTERSERVE_SEED_DIR=/opt/adapterserve/examples \
     ADAPTERSERVE_DEVICE=auto \
     ADAPTERSERVE_DTYPE=auto
 # the store and the generated admin key (/data/store.admin-key) outlive the container

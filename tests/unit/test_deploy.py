@@ -176,6 +176,19 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
     assert dockerignored("service/__pycache__/app.cpython-311.pyc")
 
 
+def test_image_seeds_the_demo_tasks_it_copies():
+    """The image starts like `make serve`: its seed directory is the copied examples/, every file in the context."""
+    runtime = stages()["runtime"]
+    env = " ".join(args for op, args in runtime if op == "ENV")
+    seed = re.search(r"ADAPTERSERVE_SEED_DIR=(\S+)", env).group(1)
+    copies = [args.split() for op, args in runtime if op == "COPY" and "--from" not in args]
+    assert ["examples", seed] in copies
+    files = [f for f in (REPO / "examples").rglob("*") if f.is_file()]
+    assert any(f.name == "adapter_config.json" for f in files)
+    for file in files:
+        assert not dockerignored(str(file.relative_to(REPO))), file
+
+
 def test_install_script_pins_the_torch_of_pyproject():
     script = (REPO / "scripts" / "install.sh").read_text()
     pinned = re.search(r"^TORCH_VERSION=(\S+)", script, re.M).group(1)
