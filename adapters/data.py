@@ -243,6 +243,10 @@ def tokenize(
     tokenizer, examples: Sequence[Example], *, max_length: int, kind: str, labels: Sequence[str]
 ) -> Dataset:
     """Tokenize once (pairs truncated longest-first) and map labels to targets."""
+    if not examples:
+        # tokenizers fail on an empty batch; no dev file is a valid, empty dev set
+        dtype = torch.float32 if kind == "regression" else torch.long
+        return Dataset(ids=[], targets=torch.zeros(0, dtype=dtype), types=None)
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
     has_pair = any(p is not None for p in pairs)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.train import options_from_args, write_artifact
+from adapters.train import write_artifact
+from adapters.train_cli import options_from_args
 from adapters.train_hyper import (
     HYPER_DEFAULTS,
     HYPER_LR,
@@ -143,14 +144,14 @@ def run_train_task(args: argparse.Namespace) -> int:
     import os
 
     from adapters.backbone import load_backbone
-    from adapters.train import _task_data
+    from adapters.train_cli import task_data
 
     _threads(args)
     if not args.out:
         print("adapterserve train: give --out DIR for the task artifact", file=sys.stderr)
         return 2
     try:
-        task = _task_data(args)
+        task = task_data(args)
     except (OSError, ValueError) as exc:
         print(f"adapterserve train: {exc}", file=sys.stderr)
         return 2

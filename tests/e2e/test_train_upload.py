@@ -20,7 +20,8 @@ from e2e_support import ADMIN, REPO, assert_close
 from adapters.backbone import load_backbone
 from adapters.data import Example, tokenize
 from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import main, predict
+from adapters.train import predict
+from adapters.train_cli import main
 from store.artifact import parse_config
 from store.safetensors_io import SafetensorsLimits, load_arrays
 
@@ -105,7 +106,7 @@ def test_a_refused_train_upload_exits_non_zero_with_the_reason_and_stores_nothin
     argv += ["--out", str(out), "--task", "reviews", "--upload", server.url, "--key", "not-the-admin-key"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERSERVE_")} | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "adapters.train", *argv],
+        [sys.executable, "-m", "adapters.train_cli", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -34,7 +34,8 @@ from adapters.data import (
 )
 from adapters.methods import METHODS
 from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import TrainOptions, main, predict, train, write_artifact
+from adapters.train import TrainOptions, predict, train, write_artifact
+from adapters.train_cli import main
 from service.app import create_app
 from service.settings import Settings
 from store.artifact import parse_config
@@ -362,6 +363,20 @@ def test_cli_refuses_bad_label_names(tmp_path: Path, model_dir: Path, capsys) ->
     ]
     assert main(argv) == 2
     assert "2 distinct names" in capsys.readouterr().err
+
+
+def test_cli_trains_without_a_dev_file(tmp_path: Path, model_dir: Path, capsys) -> None:
+    """No --dev-file: training runs to the last step and the artifact is written, with no dev scores."""
+    train_csv = _write_csv(tmp_path / "train.csv", sentiment(32, seed=1))
+    out = tmp_path / "out"
+    argv = ["--train-file", str(train_csv), "--text-column", "review", "--label-column", "sentiment"]
+    argv += ["--method", "lora", "--rank", "2", "--steps", "3", "--backbone", str(model_dir)]
+    argv += ["--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dev"] == {} and report["steps"] == 3
+    config = parse_config((out / "adapter_config.json").read_bytes())
+    assert config.r == 2 and "dev_accuracy" not in config.metadata
 
 
 def test_cli_refuses_a_run_without_output(tmp_path: Path, model_dir: Path, capsys) -> None:

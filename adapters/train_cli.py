@@ -1,0 +1,259 @@
+"""`adapterserve train`: the command line of the single-adapter trainer (`adapters.train`).
+
+adapterserve train --glue SST-2 --method lora --out out/sst2 [--upload URL]
+python -m adapters.train_cli ...        # the same, without the service's CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from adapters.data import Example, TaskData
+from adapters.train import FULL, TrainOptions, train, upload, write_artifact
+
+__all__ = ["add_train_parser", "main", "options_from_args", "run_train", "task_data"]
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _hyper(args: argparse.Namespace) -> dict:
+    hyper = {}
+    for item in args.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hp expects KEY=VALUE, got {item!r}")
+        hyper[key.strip()] = _value(value)
+    shortcuts = {
+        "r": args.rank,
+        "alpha": args.alpha,
+        "bottleneck_dim": args.bottleneck_dim,
+        "prefix_length": args.prefix_length,
+        "targets": args.targets,
+        "sites": args.sites,
+    }
+    hyper |= {k: v for k, v in shortcuts.items() if v is not None}
+    return hyper
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `train` subcommand on an argparse subparsers object."""
+    from adapters.methods import METHODS
+
+    p = subparsers.add_parser(
+        "train",
+        help="train one adapter (any method, with its head) on the frozen backbone",
+        description="Train one adapter on the frozen backbone from a CSV/TSV/JSONL file or a GLUE task; "
+        "write a native artifact and optionally upload it.",
+    )
+    data = p.add_argument_group("data")
+    src = data.add_mutually_exclusive_group(required=True)
+    src.add_argument("--glue", metavar="TASK", help="a GLUE task by name (SST-2, MRPC, CoLA, RTE, STS-B)")
+    src.add_argument("--train-file", type=Path, help="training examples (.csv, .tsv or .jsonl)")
+    data.add_argument("--dev-file", type=Path, help="dev examples, for evaluation and early stopping")
+    data.add_argument("--glue-dir", type=Path, help="GLUE directory (default: $ADAPTERSERVE_GLUE_DIR)")
+    data.add_argument("--text-column", default="text", help="column (or 0-based index) of the text")
+    data.add_argument("--text-pair-column", help="column of the second text of a pair")
+    data.add_argument("--label-column", default="label", help="column of the label or target")
+    data.add_argument("--no-header", action="store_true", help="the CSV/TSV files have no header row")
+    data.add_argument(
+        "--label-names",
+        metavar="NAME,...",
+        help="names the head gives the task's labels, in their order (e.g. negative,positive for SST-2's 0,1)",
+    )
+    data.add_argument(
+        "--task-type",
+        choices=("auto", "classification", "regression"),
+        default="auto",
+        help="auto: regression when the targets are floats",
+    )
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=[*sorted(METHODS), FULL], help="adapter method, or 'full' (required)")
+    from adapters.train_hyper_cli import add_hypernetwork_option
+
+    add_hypernetwork_option(m)
+    m.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a method hyperparameter (JSON value)")
+    m.add_argument("--rank", type=int, help="LoRA rank r")
+    m.add_argument("--alpha", type=float, help="LoRA alpha")
+    m.add_argument("--bottleneck-dim", type=int, help="bottleneck width (adapters, Compacter)")
+    m.add_argument("--prefix-length", type=int, help="prefix length (prefix, MAM)")
+    m.add_argument("--targets", nargs="+", help="LoRA/IA3 target projections")
+    m.add_argument("--sites", nargs="+", help="sublayers of bottleneck/parallel adapters")
+    m.add_argument("--train-layernorm", action="store_true", help="also train per-task LayerNorm overrides")
+    m.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
+    m.add_argument("--head-layers", type=int, choices=(1, 2), default=1)
+    m.add_argument("--prefix-mlp", type=int, default=0, help="prefix MLP reparameterisation width (0: off)")
+    t = p.add_argument_group("budget")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
+    t.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-train-examples", type=int, help="train on a seeded random subset")
+    t.add_argument("--max-dev-examples", type=int)
+    t.add_argument("--max-length", type=int, default=128, help="tokens per input")
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument("--no-dropout", action="store_true", help="train with the backbone's dropout off")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, help="artifact directory to write")
+    o.add_argument("--task", help="task name (metadata; the upload's task)")
+    o.add_argument("--upload", metavar="URL", help="upload the artifact to this server")
+    o.add_argument("--key", help="admin key for --upload (default: $ADAPTERSERVE_KEY)")
+    o.add_argument("--backbone", help="backbone directory (default: $ADAPTERSERVE_BACKBONE or MiniLM-L6)")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _renamed(task: TaskData, names: str | None) -> TaskData:
+    """The task with its labels renamed in order (`--label-names`)."""
+    if not names:
+        return task
+    new = [n.strip() for n in names.split(",")]
+    if task.kind == "regression":
+        raise ValueError("--label-names is for classification; this task is a regression")
+    if len(new) != len(task.labels) or len(set(new)) != len(new) or not all(new):
+        raise ValueError(
+            f"--label-names needs {len(task.labels)} distinct names for the labels {task.labels}"
+        )
+    rename = dict(zip(task.labels, new, strict=True))
+
+    def move(examples: list[Example]) -> list[Example]:
+        return [dataclasses.replace(e, label=rename[e.label]) for e in examples]
+
+    return dataclasses.replace(task, train=move(task.train), dev=move(task.dev), labels=new)
+
+
+def task_data(args: argparse.Namespace) -> TaskData:
+    """The training (and dev) examples the data flags name: a GLUE task or CSV/TSV/JSONL files."""
+    from adapters.data import infer_task, load_glue, read_examples
+
+    if args.glue:
+        return _renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
+    cols = {
+        "text_column": args.text_column,
+        "text_pair_column": args.text_pair_column,
+        "label_column": args.label_column,
+        "header": not args.no_header,
+    }
+    train_ex = read_examples(args.train_file, **cols)
+    dev_ex = read_examples(args.dev_file, **cols) if args.dev_file else []
+    kind, labels = infer_task([e.label for e in train_ex], kind=args.task_type)
+    metrics = ("pearson", "spearman") if kind == "regression" else ("accuracy",)
+    if kind != "regression" and len(labels) == 2:
+        metrics = ("accuracy", "f1", "matthews")
+    name = args.task or args.train_file.stem
+    return _renamed(
+        TaskData(name, train_ex, dev_ex, kind, labels, metrics), getattr(args, "label_names", None)
+    )
+
+
+# TrainOptions fields that a command's flag of the same name sets directly.
+_OPTION_FLAGS = (
+    "epochs",
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "seed",
+    "max_train_examples",
+    "max_dev_examples",
+    "max_length",
+    "eval_every",
+    "patience",
+    "train_layernorm",
+    "pooling",
+    "head_layers",
+    "prefix_mlp",
+)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """TrainOptions from the flags a train command registered; options it has no flag for keep their defaults."""
+    kw = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
+    if hasattr(args, "no_dropout"):
+        kw["dropout"] = not args.no_dropout
+    if hasattr(args, "no_progress"):
+        kw["progress"] = not args.no_progress
+    return TrainOptions(**kw)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry of `adapterserve train`: train, report, write the artifact, optionally upload it."""
+    import os
+
+    from adapters.backbone import load_backbone
+
+    if getattr(args, "hypernetwork", None):
+        from adapters.train_hyper_cli import run_train_task
+
+        return run_train_task(args)
+    if args.method is None:
+        print("adapterserve train: give --method (or --hypernetwork NAME_OR_DIR)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method != FULL and not args.out and not args.upload:
+        print("adapterserve train: give --out DIR (and/or --upload URL) for the artifact", file=sys.stderr)
+        return 2
+    try:
+        task = task_data(args)
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve train: {exc}", file=sys.stderr)
+        return 2
+    backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
+    opts = options_from_args(args)
+    result = train(backbone, task, method=args.method, hyper=_hyper(args), options=opts)
+    report = {
+        "task": task.name,
+        "method": args.method,
+        "dev": result.dev,
+        "baseline": result.baseline,
+        "trainable_params": result.trainable_params,
+        "trainable_percent": round(result.trainable_percent, 4),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+    }
+    if result.config is not None:
+        out = args.out
+        if out is None:
+            import tempfile
+
+            out = Path(tempfile.mkdtemp(prefix="adapterserve-train-"))
+        write_artifact(out, result.config, result.tensors)
+        report["artifact"] = str(out)
+        if args.upload:
+            name = args.task or task.name.lower().replace("_", "-")
+            report["upload"] = upload(
+                out, url=args.upload, task=name, key=args.key or os.environ.get("ADAPTERSERVE_KEY")
+            )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adapters.train_cli ...`: the same as `adapterserve train ...`."""
+    parser = argparse.ArgumentParser(prog="adapterserve")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
