@@ -100,8 +100,8 @@ class Hypernetwork(nn.Module):
             # a contiguous block into a slot is twice as fast as copying a transpose.
             w = [*ws[:2], ws[2].view(h, r, -1).transpose(0, 1).reshape(h * r, -1), *ws[3:]]
             b = [*bs[:2], bs[2].view(h, r).t().reshape(-1), *bs[3:]]
-            # Contiguous [E + 1, N] with the bias as a row: on CPU about twice as fast as F.linear's
-            # [N, E] weight plus a separate bias pass, the product being ~0.9 MB per task.
+            # Contiguous [E + 1, N] with the bias as a row: on CPU 1.5-2x faster than F.linear with
+            # the [N, E] weight and the bias (the product is ~0.9 MB per task).
             return torch.cat([torch.cat(w).t(), torch.cat(b)[None]]).contiguous()
 
         return self._derived(f"gen:{group}", ws + bs, build)
