@@ -16,6 +16,8 @@ Prints one JSON object:
 
 The hypernetwork is the schema's default Hyperformer++ (task embedding 64, bottleneck 24) with
 random weights: cost depends on shapes only. Ratios matter, absolute times only on a quiet machine.
+On cores other jobs keep busy, use `--threads 1`: with more threads every parallel region waits
+for a thread the scheduler has put aside, and a generation takes whole scheduler slices (~16 ms).
 """
 
 from __future__ import annotations
