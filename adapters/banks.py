@@ -129,7 +129,18 @@ class _Bank(nn.Module):
             room = getattr(self, name).shape[1:]
             if v.dim() != len(room) or any(a > b for a, b in zip(v.shape, room, strict=True)):
                 raise ValueError(f"{type(self).__name__}.{name}: {tuple(v.shape)} does not fit {tuple(room)}")
-        self.evict(slot)
+        if self.occupied[slot]:
+            # Reset only what the copy below does not overwrite whole: a slot reload is on the
+            # request path (a device-slot miss), and most buffers are overwritten entirely.
+            whole = {
+                name for name, v in tensors.items() if tuple(v.shape) == tuple(getattr(self, name).shape[1:])
+            }
+            for name, buf in self._slot_buffers():
+                if name not in whole:
+                    self._reset(name, buf, slot)
+            for name in self._meta:
+                getattr(self, name)[slot] = 0
+            self.occupied[slot] = False
         for name, v in tensors.items():
             getattr(self, name)[slot][tuple(slice(0, n) for n in v.shape)].copy_(v)
         for name, v in meta.items():

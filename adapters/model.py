@@ -276,16 +276,25 @@ class MultiTaskModel(nn.Module):
 
     def _write(self, slot: int, entries: list) -> None:
         with self.lock:
-            self.evict(slot)
+            old = self._slot_banks.pop(slot, [])
+            targets = [self.banks[(e.key, e.kind)] for e in entries]
+            # A bank the new adapter loads again clears the old one's leftovers itself (only what it
+            # does not overwrite); the others are freed here.
+            reloaded = {id(b) for b in targets}
+            for bank in old:
+                if id(bank) not in reloaded:
+                    bank.evict(slot)
             used: list[nn.Module] = []
             self._slot_banks[slot] = used
             try:
-                for e in entries:
-                    bank = self.banks[(e.key, e.kind)]
+                for e, bank in zip(entries, targets, strict=True):
                     bank.load(slot, **e.kwargs)
                     used.append(bank)
             except Exception:
-                self.evict(slot)
+                # the failing bank, and any not reached yet, may still hold the old adapter
+                for bank in {id(b): b for b in (*old, *targets)}.values():
+                    bank.evict(slot)
+                self._slot_banks.pop(slot, None)
                 raise
 
     def evict(self, slot: int) -> None:

@@ -168,6 +168,16 @@ def load_raw(model: MultiTaskModel, slot: int, raw: dict, *, seed: int) -> None:
     model.load(slot, cfg, random_tensors(cfg, model.spec, seed=seed))
 
 
+# The widths a wider variant of a case doubles, and the largest the contract's banks hold.
+_WIDTHS = {"r": 16, "bottleneck_dim": 16, "prefix_length": 32}
+
+
+def wider(case: Case, family: str) -> dict:
+    """The case's method with its widths doubled (within the banks): its load covers more of each buffer."""
+    raw = raw_config(case, family)
+    return {k: min(2 * v, _WIDTHS[k]) if k in _WIDTHS and isinstance(v, int) else v for k, v in raw.items()}
+
+
 def rows_alone(model: MultiTaskModel, batch: Batch, slots: list[int]) -> list[dict[str, torch.Tensor]]:
     """Each row run on its own, unpadded."""
     return [model_outputs(model, batch.row(i), [s]) for i, s in enumerate(slots)]
@@ -314,6 +324,17 @@ class ContractMixin(_Fixtures):
 
         model.load(1, cfg, tensors)
         assert_same(first, model_outputs(model, batch, ones), what="after evict and reload")
+
+    def test_load_over_an_occupied_slot(self, case, family, model, batch, cfg):
+        """Loading into a slot that still holds another adapter, with no evict between, leaves no trace of it."""
+        ones = [1] * len(self.lengths)
+        tensors = random_tensors(cfg, model.spec, seed=7)
+        model.load(1, cfg, tensors)
+        first = model_outputs(model, batch, ones)
+        for i, raw in enumerate([wider(case, family), *companions(family)]):
+            load_raw(model, 1, raw, seed=30 + i)
+            model.load(1, cfg, tensors)
+            assert_same(first, model_outputs(model, batch, ones), what=f"after loading over {raw['method']}")
 
 
 @pytest.mark.parametrize(
