@@ -228,19 +228,24 @@ async def test_generated_tasks_serve_mix_evict_and_regenerate(running, artifacts
             assert_outputs_close(await predict(client, name), want[name])
 
 
+async def _two_versions_and_a_task(client, spec, artifacts, *, upload_task: bool = True):
+    """Two versions of hypernetwork `shared` on disk, v1 uploaded, and its task `ta` (uploaded unless told)."""
+    cfg = hyper_config(spec.fingerprint)
+    v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
+    v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
+    r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
+    assert r.status_code == 201
+    task = task_dir(artifacts, "ta", spec, seed=0)
+    if upload_task:
+        r = await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
+        assert r.status_code == 201
+    return v1, v2, task
+
+
 async def test_a_new_hypernetwork_version_regenerates_its_tasks(running, artifacts):
     async with running() as (app, client):
         spec = app.state.service.backbone.spec
-        cfg = hyper_config(spec.fingerprint)
-        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
-        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
-        assert (
-            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
-        ).status_code == 201
-        task = task_dir(artifacts, "ta", spec, seed=0)
-        assert (
-            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
-        ).status_code == 201
+        v1, v2, task = await _two_versions_and_a_task(client, spec, artifacts)
         assert_outputs_close(await predict(client, "ta"), generated_outputs(v1, task, TEXTS))
         r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
         assert r.status_code == 201 and r.json()["version"] == 2
@@ -288,16 +293,7 @@ async def test_a_task_decoded_while_its_hypernetwork_is_replaced_is_not_cached_w
     async with running() as (app, client):
         svc = app.state.service
         spec = svc.backbone.spec
-        cfg = hyper_config(spec.fingerprint)
-        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
-        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
-        assert (
-            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
-        ).status_code == 201
-        task = task_dir(artifacts, "ta", spec, seed=0)
-        assert (
-            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
-        ).status_code == 201
+        v1, v2, task = await _two_versions_and_a_task(client, spec, artifacts)
         want_v1, want_v2 = generated_outputs(v1, task, TEXTS), generated_outputs(v2, task, TEXTS)
         assert want_v1 != want_v2
         await _force_a_miss(svc, "ta")
@@ -329,16 +325,7 @@ async def test_a_hypernetwork_decoded_while_a_new_version_goes_live_does_not_rep
 ):
     async with running() as (app, client):
         spec = app.state.service.backbone.spec
-        cfg = hyper_config(spec.fingerprint)
-        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
-        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
-        assert (
-            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
-        ).status_code == 201
-        task = task_dir(artifacts, "ta", spec, seed=0)
-        assert (
-            await client.post("/v1/adapters/ta", files=multipart(task), headers=admin())
-        ).status_code == 201
+        _, v2, task = await _two_versions_and_a_task(client, spec, artifacts)
     want_v2 = generated_outputs(v2, task, TEXTS)
 
     # A restarted server (no warm-up) holds no decoded generator: the first request decodes
@@ -368,13 +355,7 @@ async def test_a_new_hypernetwork_version_evicts_the_slots_generated_from_the_ol
     async with running() as (app, client):
         svc = app.state.service
         spec = svc.backbone.spec
-        cfg = hyper_config(spec.fingerprint)
-        v1 = write_hyper(artifacts, "v1", cfg, hyper_arrays(cfg, spec, seed=0))
-        v2 = write_hyper(artifacts, "v2", cfg, hyper_arrays(cfg, spec, seed=1))
-        assert (
-            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v1), headers=admin())
-        ).status_code == 201
-        task = task_dir(artifacts, "ta", spec, seed=0)
+        _, v2, task = await _two_versions_and_a_task(client, spec, artifacts, upload_task=False)
         plain = make_artifact(artifacts, "plain", "lora", spec, seed=7)
         for name, d in (("ta", task), ("plain", plain)):
             assert (
