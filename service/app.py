@@ -18,7 +18,7 @@ from service.auth import require_admin, require_inference
 from service.disconnect import unless_disconnected
 from service.errors import install_handlers, status_of
 from service.metrics import CONTENT_TYPE_LATEST
-from service.openapi import ADMIN, HEALTH_503, METRICS_200, UPLOAD_BODY, TaskName, errors
+from service.openapi import ADMIN, HEALTH_503, METRICS_200, UPLOAD_BODY, TaskName, Version, errors
 from service.runtime import Service
 from service.schemas import (
     AdapterDetail,
@@ -179,12 +179,7 @@ def _routes(app: FastAPI) -> None:
         task: TaskName,
         request: Request,
         activate: bool = Query(default=True),
-        version: int | None = Query(
-            default=None,
-            ge=1,
-            le=999_999_999,
-            description="Store as exactly this version number; 409 if the task already has it.",
-        ),
+        version: Version = None,
     ) -> UploadResult:
         """Upload a version (multipart: `config` JSON, `weights` safetensors); current unless activate=false."""
         svc = _svc(request)
@@ -281,12 +276,7 @@ def _routes(app: FastAPI) -> None:
         name: TaskName,
         request: Request,
         activate: bool = Query(default=True),
-        version: int | None = Query(
-            default=None,
-            ge=1,
-            le=999_999_999,
-            description="Store as exactly this version number; 409 if the hypernetwork already has it.",
-        ),
+        version: Version = None,
     ) -> UploadResult:
         """Upload a shared hypernetwork version (multipart: `config` JSON, `weights` safetensors)."""
         svc = _svc(request)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Path
+from fastapi import Path, Query
 
 from service.schemas import ErrorBody
 
-__all__ = ["ADMIN", "HEALTH_503", "METRICS_200", "NAME_PATTERN", "UPLOAD_BODY", "TaskName", "errors"]
+__all__ = [
+    "ADMIN",
+    "HEALTH_503",
+    "METRICS_200",
+    "NAME_PATTERN",
+    "UPLOAD_BODY",
+    "TaskName",
+    "Version",
+    "errors",
+]
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_-]|\.[a-z0-9_-])*\.?$"
 """store.base's name rule as a JSON-schema pattern: `[a-z0-9][a-z0-9_.-]{0,63}` without `..`."""
@@ -24,6 +33,16 @@ TaskName = Annotated[
         description="Task or hypernetwork name: 1 to 64 of a-z, 0-9, '_', '.', '-', starting with a letter "
         "or digit, without '..'.",
         json_schema_extra={"pattern": NAME_PATTERN, "minLength": 1, "maxLength": 64},
+    ),
+]
+
+# `?version=N` of the upload routes (tasks and hypernetworks): out of range is a 422.
+Version = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=999_999_999,
+        description="Store as exactly this version number; 409 if that version already exists.",
     ),
 ]
 
