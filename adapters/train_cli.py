@@ -17,7 +17,7 @@ import torch
 from adapters.data import Example, TaskData
 from adapters.train import FULL, TrainOptions, train, upload, write_artifact
 
-__all__ = ["add_train_parser", "main", "options_from_args", "run_train", "task_data"]
+__all__ = ["add_budget_arguments", "add_train_parser", "main", "options_from_args", "run_train", "task_data"]
 
 
 def _value(text: str):
@@ -44,6 +44,25 @@ def _hyper(args: argparse.Namespace) -> dict:
     }
     hyper |= {k: v for k, v in shortcuts.items() if v is not None}
     return hyper
+
+
+def add_budget_arguments(
+    group, *, lr_help: str, epochs_help: str = "passes over the examples", each: str = ""
+) -> None:
+    """The training-budget flags `train` and `train-hyper` share (`options_from_args` reads them)."""
+    group.add_argument("--epochs", type=float, default=2.0, help=epochs_help)
+    group.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--lr", type=float, help=f"peak learning rate ({lr_help})")
+    group.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--max-train-examples", type=int, help=f"{each}train on a seeded random subset")
+    group.add_argument("--max-dev-examples", type=int, help=f"{each}evaluate on a seeded random subset")
+    group.add_argument("--max-length", type=int, default=128, help="tokens per input")
+    group.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    group.add_argument("--no-dropout", action="store_true", help="train with the backbone's dropout off")
+    group.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,20 +113,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--head-layers", type=int, choices=(1, 2), default=1)
     m.add_argument("--prefix-mlp", type=int, default=0, help="prefix MLP reparameterisation width (0: off)")
     t = p.add_argument_group("budget")
-    t.add_argument("--epochs", type=float, default=2.0)
-    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
-    t.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-train-examples", type=int, help="train on a seeded random subset")
-    t.add_argument("--max-dev-examples", type=int)
-    t.add_argument("--max-length", type=int, default=128, help="tokens per input")
-    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    add_budget_arguments(t, lr_help="default: per method")
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
-    t.add_argument("--no-dropout", action="store_true", help="train with the backbone's dropout off")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="artifact directory to write")
     o.add_argument("--task", help="task name (metadata; the upload's task)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from adapters.train import write_artifact
-from adapters.train_cli import options_from_args
+from adapters.train_cli import add_budget_arguments, options_from_args
 from adapters.train_hyper import (
     HYPER_DEFAULTS,
     HYPER_LR,
@@ -29,20 +29,10 @@ __all__ = ["add_hypernetwork_option", "add_train_hyper_parser", "run_train_hyper
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("budget")
-    t.add_argument("--epochs", type=float, default=2.0, help="passes over all tasks' examples")
-    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default {HYPER_LR})")
-    t.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-train-examples", type=int, help="per task: train on a seeded random subset")
-    t.add_argument("--max-dev-examples", type=int, help="per task")
-    t.add_argument("--max-length", type=int, default=128, help="tokens per input")
-    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
-    t.add_argument("--no-dropout", action="store_true", help="train with the backbone's dropout off")
+    add_budget_arguments(
+        t, lr_help=f"default {HYPER_LR}", epochs_help="passes over all tasks' examples", each="per task: "
+    )
     t.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--backbone", help="backbone directory (default: $ADAPTERSERVE_BACKBONE or MiniLM-L6)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--glue-dir", type=Path, help="GLUE directory (default: $ADAPTERSERVE_GLUE_DIR)")
