@@ -23,11 +23,52 @@ from service.cache import Adapter, DeviceSlots
 from service.metrics import Metrics
 from store.errors import InvalidRequest
 
-__all__ = ["Encoded", "Engine", "Work"]
+__all__ = ["Encoded", "Engine", "Work", "length_splits"]
 
 log = logging.getLogger(__name__)
 
 Text = str | tuple[str, str] | list[str]
+
+
+DEFAULT_SPLIT_COST = {"cpu": 128, "cuda": 2048}
+"""Padded tokens one more forward costs, by device type: a CPU's work grows with the padded tokens,
+a GPU's barely does at serving batch sizes while each forward launches a fixed set of kernels."""
+
+
+def length_splits(lengths: Sequence[int], *, forward_cost: int) -> list[list[int]]:
+    """Row indices in runs of similar length that minimise padded tokens plus `forward_cost` per run.
+
+    One batch pads every row to its longest; sorted by length and cut where it pays, short rows stop
+    paying for the long ones. Exact dynamic programme over the distinct lengths (at most the
+    backbone's positions), so it stays cheap for any batch size.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if len(order) < 2:
+        return [order]
+    # runs of equal length are never worth cutting: group them first
+    values: list[int] = []
+    ends: list[int] = []  # rows up to and including each distinct length
+    for k, i in enumerate(order):
+        if values and lengths[i] == values[-1]:
+            ends[-1] = k + 1
+        else:
+            values.append(lengths[i])
+            ends.append(k + 1)
+    n = len(values)
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        top, rows_to_j = values[j - 1], ends[j - 1]
+        best[j], cut[j] = min(
+            (best[i] + (rows_to_j - (ends[i - 1] if i else 0)) * top + forward_cost, i) for i in range(j)
+        )
+    runs: list[list[int]] = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        runs.append(order[(ends[i - 1] if i else 0) : ends[j - 1]])
+        j = i
+    return runs[::-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +97,15 @@ class Work:
 class Engine:
     """Runs batches of rows on the device's worker thread and splits the outputs per row."""
 
-    def __init__(self, *, model, device: DeviceSlots, metrics: Metrics, max_input_tokens: int) -> None:
+    def __init__(
+        self,
+        *,
+        model,
+        device: DeviceSlots,
+        metrics: Metrics,
+        max_input_tokens: int,
+        split_cost_tokens: int | None = None,
+    ) -> None:
         self.model = model
         self.backbone = model.backbone
         self.tokenizer = model.backbone.tokenizer
@@ -69,6 +118,9 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.use_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
         name = self.backbone.device.type
+        self.split_cost = (
+            split_cost_tokens if split_cost_tokens is not None else DEFAULT_SPLIT_COST.get(name, 2048)
+        )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"adapterserve-{name}")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterserve-tokenize")
 
@@ -166,6 +218,16 @@ class Engine:
         self.m.batch_tasks.observe(len({w.adapter.task for w in works}))
 
     def _classify(self, works: list[Work], slots: dict) -> list[dict]:
+        runs = length_splits([len(w.encoded.ids) for w in works], forward_cost=self.split_cost)
+        if len(runs) == 1:
+            return self._classify_run(works, slots)
+        out: list[dict | None] = [None] * len(works)
+        for run in runs:
+            for i, result in zip(run, self._classify_run([works[i] for i in run], slots), strict=True):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _classify_run(self, works: list[Work], slots: dict) -> list[dict]:
         batch = self._pad(works, left=False)
         slot_ids = [slots[w.adapter.key] for w in works]
         started = time.perf_counter()

@@ -89,6 +89,7 @@ class Service:
             device=self.device_slots,
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
+            split_cost_tokens=s.split_cost_tokens,
         )
         self.hypernetworks = Hypernetworks(store=self.store, model=self.model, limits=self.limits)
         self.decoder = Decoder(
