@@ -11,7 +11,8 @@ task in turn, for `--duration` seconds after a warm-up. Runs, each on a fresh se
 - `per_task`: one task per forward, round-robin;
 - `unbatched`: `max_batch_size=1`;
 - `in_process`: the same model and adapters in this process, no HTTP: tokenize, route and classify
-  batches of `--batch` inputs of mixed tasks back to back (the ceiling the service is measured against).
+  batches of `--batch` inputs of mixed tasks back to back, split by length as the service splits them
+  (the ceiling the service is measured against).
 
 One JSON object on stdout:
 
@@ -234,6 +235,7 @@ def in_process(dirs: list[Path], *, texts: list[str], batch: int, duration: floa
     from adapters.backbone import load_backbone
     from adapters.heads import decode_row
     from adapters.model import BankConfig, MultiTaskModel
+    from service.engine import DEFAULT_SPLIT_COST, length_splits
     from store.artifact import parse_config
     from store.safetensors_io import SafetensorsLimits, load_arrays
 
@@ -255,11 +257,18 @@ def in_process(dirs: list[Path], *, texts: list[str], batch: int, duration: floa
             rows = [texts[i % len(texts)] for i in idx]
             slots = [1 + (i % len(dirs)) for i in idx]
             t0 = time.monotonic()
-            enc = tok(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
-            logits = model.classify(enc["input_ids"], enc["attention_mask"], slots, **extra).logits.float()
-            for r in range(len(rows)):
-                decode_row(logits[r], kind="classification", labels=HEAD["labels"])
+            enc = tok(rows, truncation=True, max_length=128)
+            # the service's own policy: rows of very different lengths run as separate forwards
+            lengths = [len(ids) for ids in enc["input_ids"]]
+            for run in length_splits(lengths, forward_cost=DEFAULT_SPLIT_COST["cpu"]):
+                part = tok.pad({k: [enc[k][i] for i in run] for k in enc}, return_tensors="pt")
+                extra = {"token_type_ids": part["token_type_ids"]} if "token_type_ids" in part else {}
+                out = model.classify(
+                    part["input_ids"], part["attention_mask"], [slots[i] for i in run], **extra
+                )
+                logits = out.logits.float()
+                for r in range(len(run)):
+                    decode_row(logits[r], kind="classification", labels=HEAD["labels"])
             t1 = time.monotonic()
             if t0 >= measure_from:
                 # every input of the batch waited for the whole batch
