@@ -9,6 +9,7 @@ forward only computes up to the largest rank used by the rows at hand.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import numpy as np
@@ -125,22 +126,17 @@ class _Bank(nn.Module):
         """Copy one adapter into a slot (zero-padded to the bank's maxima)."""
         self._check_slot(slot)
         tensors, meta = self.layout(**kwargs)
+        whole = set()
         for name, v in tensors.items():
-            room = getattr(self, name).shape[1:]
+            room = tuple(getattr(self, name).shape[1:])
             if v.dim() != len(room) or any(a > b for a, b in zip(v.shape, room, strict=True)):
-                raise ValueError(f"{type(self).__name__}.{name}: {tuple(v.shape)} does not fit {tuple(room)}")
+                raise ValueError(f"{type(self).__name__}.{name}: {tuple(v.shape)} does not fit {room}")
+            if tuple(v.shape) == room:
+                whole.add(name)
         if self.occupied[slot]:
-            # Reset only what the copy below does not overwrite whole: a slot reload is on the
-            # request path (a device-slot miss), and most buffers are overwritten entirely.
-            whole = {
-                name for name, v in tensors.items() if tuple(v.shape) == tuple(getattr(self, name).shape[1:])
-            }
-            for name, buf in self._slot_buffers():
-                if name not in whole:
-                    self._reset(name, buf, slot)
-            for name in self._meta:
-                getattr(self, name)[slot] = 0
-            self.occupied[slot] = False
+            # A slot reload is on the request path (a device-slot miss): reset only what the copy
+            # below does not overwrite whole, most buffers being overwritten entirely.
+            self._clear(slot, keep=whole)
         for name, v in tensors.items():
             getattr(self, name)[slot][tuple(slice(0, n) for n in v.shape)].copy_(v)
         for name, v in meta.items():
@@ -150,8 +146,13 @@ class _Bank(nn.Module):
     @torch.no_grad()
     def evict(self, slot: int) -> None:
         """Return a slot to its empty state."""
+        self._clear(slot, keep=())
+
+    def _clear(self, slot: int, *, keep: Collection[str]) -> None:
+        """Empty a slot, leaving the buffers named in `keep` as they are (about to be overwritten)."""
         for name, buf in self._slot_buffers():
-            self._reset(name, buf, slot)
+            if name not in keep:
+                self._reset(name, buf, slot)
         for name in self._meta:
             getattr(self, name)[slot] = 0
         self.occupied[slot] = False
