@@ -279,6 +279,23 @@ def _pause_first_call(obj, name: str, monkeypatch) -> tuple[threading.Event, thr
     return reached, release
 
 
+async def _swap_while_paused(client, hypernetworks, step: str, v2, *, monkeypatch):
+    """Predict `ta` with its load paused after `hypernetworks.step`, upload v2 of `shared` meanwhile.
+
+    Returns (outputs of the paused request, outputs of the next request, the upload's answer).
+    """
+    reached, release = _pause_first_call(hypernetworks, step, monkeypatch)
+    admitted = asyncio.create_task(predict(client, "ta"))
+    try:
+        assert await asyncio.to_thread(reached.wait, 60)
+        r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
+        assert r.status_code == 201 and r.json()["version"] == 2
+    finally:
+        release.set()
+    during = await admitted
+    return during, await predict(client, "ta"), r.json()
+
+
 def _served_generator(svc, task: str):
     """The generator of the task's cached decoded copy, and those its resident slots came from."""
     state = svc.registry.state(task)
@@ -301,16 +318,10 @@ async def test_a_task_decoded_while_its_hypernetwork_is_replaced_is_not_cached_w
         # The request's load resolves version 1 and stops there; version 2 goes live meanwhile
         # (its upload drops the task's cached copies, of which there are none yet); then the load
         # finishes with version 1's generator in hand.
-        reached, release = _pause_first_call(svc.hypernetworks, "resolve", monkeypatch)
-        admitted = asyncio.create_task(predict(client, "ta"))
-        try:
-            assert await asyncio.to_thread(reached.wait, 60)
-            r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
-            assert r.status_code == 201 and r.json()["version"] == 2 and r.json()["current"] is True
-        finally:
-            release.set()
-        during = await admitted
-        after = await predict(client, "ta")
+        during, after, uploaded = await _swap_while_paused(
+            client, svc.hypernetworks, "resolve", v2, monkeypatch=monkeypatch
+        )
+        assert uploaded["current"] is True
 
         assert_outputs_close(after, want_v2)
         # The load landed after the swap: it was done again, so even its own request got version 2.
@@ -332,16 +343,9 @@ async def test_a_hypernetwork_decoded_while_a_new_version_goes_live_does_not_rep
     # version 1 from the store, and version 2 goes live before that decode is installed.
     async with running(warmup=False) as (app, client):
         svc = app.state.service
-        reached, release = _pause_first_call(svc.hypernetworks, "decode", monkeypatch)
-        admitted = asyncio.create_task(predict(client, "ta"))
-        try:
-            assert await asyncio.to_thread(reached.wait, 60)
-            r = await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
-            assert r.status_code == 201 and r.json()["version"] == 2
-        finally:
-            release.set()
-        during = await admitted
-        after = await predict(client, "ta")
+        during, after, _ = await _swap_while_paused(
+            client, svc.hypernetworks, "decode", v2, monkeypatch=monkeypatch
+        )
 
         assert_outputs_close(after, want_v2)
         assert_outputs_close(during, want_v2)
