@@ -467,23 +467,20 @@ def main(argv: list[str] | None = None) -> int:
             # a fresh backbone per row: training wraps its projections, and `full` changes its weights
             backbone = load_backbone(device="cpu", dtype="float32")
             result = train(backbone, task, method=method, options=options(task_name, lr=lr_for.get(method)))
-            add(
-                {
-                    "task": task_name,
-                    "method": method,
-                    "dev": result.dev,
-                    "baseline": result.baseline,
-                    "trainable_params": result.trainable_params,
-                    "trainable_percent": result.trainable_percent,
-                    "steps": result.steps,
-                    "epochs": budget["epochs"],
-                    "train_examples": result.train_examples,
-                    "seconds": result.seconds,
-                    "budget": budget,
-                    "history": result.history,
-                },
-                fresh=True,
+            row = _row(
+                task_name,
+                method,
+                budget=budget,
+                dev=result.dev,
+                params=result.trainable_params,
+                of=result.backbone_params,
+                steps=result.steps,
+                train_examples=result.train_examples,
+                seconds=result.seconds,
+                baseline=result.baseline,
+                history=result.history,
             )
+            add(row, fresh=True)
     if hyper_tasks:
         _hyper_rows(
             hyper_tasks,
@@ -497,6 +494,37 @@ def main(argv: list[str] | None = None) -> int:
         )
     args.out.write_text(render(rows=rows, config=config, complete=True), encoding="utf-8")
     return 0
+
+
+def _row(
+    task: str,
+    method: str,
+    *,
+    budget: dict,
+    dev: dict,
+    params: float,
+    of: int,
+    steps: int,
+    train_examples: int,
+    seconds: float,
+    baseline: dict | None = None,
+    history: list | None = None,
+) -> dict:
+    """One table row as the JSON stores it; `params` trained numbers out of the backbone's `of`."""
+    return {
+        "task": task,
+        "method": method,
+        "dev": dev,
+        "baseline": baseline or {},
+        "trainable_params": round(params),
+        "trainable_percent": 100.0 * params / max(of, 1),
+        "steps": steps,
+        "epochs": budget["epochs"],
+        "train_examples": train_examples,
+        "seconds": seconds,
+        "budget": budget,
+        "history": history or [],
+    }
 
 
 def _hyper_rows(hyper_tasks, hyper_new, *, task_data, budget_of, options, reused, add, args) -> None:
@@ -546,23 +574,18 @@ def _hyper_rows(hyper_tasks, hyper_new, *, task_data, budget_of, options, reused
         own = sum(v.numel() for v in tr.tensors.values())
         # the generator is shared: each task carries its share of it
         params = own + shared / len(hyper_tasks)
-        add(
-            {
-                "task": t,
-                "method": "hyper_multi",
-                "dev": tr.dev,
-                "baseline": {},
-                "trainable_params": round(params),
-                "trainable_percent": 100.0 * params / n_backbone,
-                "steps": n_steps,
-                "epochs": multi_budgets[t]["epochs"],
-                "train_examples": tr.train_examples,
-                "seconds": result.seconds * n_steps / result.steps,
-                "budget": multi_budgets[t],
-                "history": [],
-            },
-            fresh=True,
+        row = _row(
+            t,
+            "hyper_multi",
+            budget=multi_budgets[t],
+            dev=tr.dev,
+            params=params,
+            of=n_backbone,
+            steps=n_steps,
+            train_examples=tr.train_examples,
+            seconds=result.seconds * n_steps / result.steps,
         )
+        add(row, fresh=True)
     from adapters.hypernet import Hypernetwork
 
     net = Hypernetwork.from_tensors(result.config, result.tensors, backbone.spec)
@@ -577,25 +600,18 @@ def _hyper_rows(hyper_tasks, hyper_new, *, task_data, budget_of, options, reused
             options=options(t),
         )
         own = sum(v.numel() for v in tr.tensors.values())
-        add(
-            {
-                "task": t,
-                "method": "hyper_new",
-                "dev": tr.dev,
-                "baseline": {},
-                "trainable_params": own,
-                "trainable_percent": 100.0 * own / n_backbone,
-                "steps": _steps(
-                    tr.train_examples, epochs=new_budgets[t]["epochs"], batch_size=args.batch_size
-                ),
-                "epochs": new_budgets[t]["epochs"],
-                "train_examples": tr.train_examples,
-                "seconds": time.perf_counter() - started,
-                "budget": new_budgets[t],
-                "history": [],
-            },
-            fresh=True,
+        row = _row(
+            t,
+            "hyper_new",
+            budget=new_budgets[t],
+            dev=tr.dev,
+            params=own,
+            of=n_backbone,
+            steps=_steps(tr.train_examples, epochs=new_budgets[t]["epochs"], batch_size=args.batch_size),
+            train_examples=tr.train_examples,
+            seconds=time.perf_counter() - started,
         )
+        add(row, fresh=True)
 
 
 if __name__ == "__main__":
