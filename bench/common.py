@@ -13,11 +13,13 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import httpx
 import torch
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "registered_methods",
     "setup",
     "summarize",
+    "wait_ready",
 ]
 
 SST2_DEV = Path(
@@ -189,3 +192,20 @@ def summarize(samples: list[float]) -> dict:
     else:
         p25 = p75 = xs[0]
     return {"median_s": statistics.median(xs), "p25_s": p25, "p75_s": p75, "n": len(xs)}
+
+
+def wait_ready(
+    proc: subprocess.Popen, *, url: str, log: Callable[[], str], timeout: float, interval: float
+) -> None:
+    """Poll `url`/readyz every `interval` s until 200; raise with the server's `log()` if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log()}")

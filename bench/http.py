@@ -47,7 +47,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import SST2_DEV, emit, environment, log, setup
+from bench.common import SST2_DEV, emit, environment, log, setup, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-key-0123456789"
@@ -138,17 +138,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Poll /readyz until 200."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
+        wait_ready(self.proc, url=self.url, log=lambda: "", timeout=timeout, interval=0.2)
 
     def upload(self, task: str, directory: Path) -> None:
         """Upload one artifact directory as the task's first version."""

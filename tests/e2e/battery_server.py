@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_support import ADMIN, REPO, free_port, wait_ready
+from e2e_support import ADMIN, REPO, free_port
+
+from bench.common import wait_ready
 
 
 def _install_hooks() -> None:

@@ -8,16 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 from helpers import classify_each
 
 from adapters.backbone import load_backbone
 from adapters.model import BankConfig, MultiTaskModel
+from bench.common import wait_ready
 from store.artifact import expected_tensors, parse_config
 from store.safetensors_io import write_safetensors
 
@@ -38,23 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(
-    proc: subprocess.Popen, *, url: str, log: Callable[[], str], timeout: float, interval: float
-) -> None:
-    """Poll `url`/readyz every `interval` s until 200; raise with the server's `log()` if it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"server not ready after {timeout} s:\n{log()}")
 
 
 class Server:
