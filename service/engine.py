@@ -43,7 +43,9 @@ def length_splits(lengths: Sequence[int], *, forward_cost: int) -> list[list[int
     backbone's positions), so it stays cheap for any batch size.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if len(order) < 2:
+    # A cut saves at most the batch's padding and costs a forward: when the padding is smaller, no
+    # split pays (the common case on a GPU, and for batches of like lengths), so skip the search.
+    if len(order) < 2 or len(order) * lengths[order[-1]] - sum(lengths) <= forward_cost:
         return [order]
     # runs of equal length are never worth cutting: group them first
     values: list[int] = []
