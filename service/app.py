@@ -298,6 +298,30 @@ def _routes(app: FastAPI) -> None:
             current=current,
         )
 
+    @app.delete(
+        "/v1/hypernetworks/{name}",
+        status_code=204,
+        tags=["hypernetworks"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 409, 503),
+    )
+    async def delete_hypernetwork(name: TaskName, request: Request) -> Response:
+        """Remove a hypernetwork and all its versions; 409 while any stored task version names it."""
+        await _svc(request).hypernetworks.delete(name)
+        return Response(status_code=204)
+
+    @app.delete(
+        "/v1/hypernetworks/{name}/versions/{version}",
+        status_code=204,
+        tags=["hypernetworks"],
+        dependencies=_ADMIN,
+        responses=errors(400, *ADMIN, 404, 409, 422, 503),
+    )
+    async def delete_hypernetwork_version(name: TaskName, version: int, request: Request) -> Response:
+        """Remove one version that is not current (tasks generate from the current one)."""
+        await _svc(request).hypernetworks.delete_version(name, version)
+        return Response(status_code=204)
+
     @app.get("/v1/hypernetworks", tags=["hypernetworks"], dependencies=_ADMIN, responses=errors(*ADMIN, 503))
     async def list_hypernetworks(request: Request) -> HypernetworkList:
         """Every shared hypernetwork with its current version."""

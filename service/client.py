@@ -387,6 +387,11 @@ class _Routes:
             version=version,
         )
 
+    def delete_hypernetwork(self, name: str, version: int | None = None) -> None:
+        """Delete a hypernetwork no stored task names, or one version of it that is not current."""
+        path = f"/v1/hypernetworks/{name}" + (f"/versions/{version}" if version is not None else "")
+        return self._send(_Call(method="DELETE", path=path))
+
     def hypernetworks(self) -> list[HypernetworkSummary]:
         """Every shared hypernetwork with its versions."""
         return self._send(

@@ -7,13 +7,20 @@ decoded once (float32 on the model's device) and kept; a new current version rep
 listeners drop the generated adapters built from the old one. `is_current` tells a decoded task
 whether the generator it holds is still the live one, so a task decoded across a swap is decoded
 again instead of cached.
+
+A hypernetwork can be deleted only while no stored version of any task names it: a task rolled
+back to such a version would have nothing to generate from. Task uploads that name it `hold` it
+from before their config is resolved until their version is stored, so a delete either sees the
+stored version, sees the hold (and refuses), or makes the upload fail to resolve the name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -22,15 +29,29 @@ import torch
 from adapters.heads import HeadBank
 from adapters.hypernet import Hypernetwork
 from store.artifact import HypernetworkConfig, expected_tensors, parse_config
-from store.base import ArtifactStore, VersionInfo, validate_name
-from store.errors import InvalidArtifact, NotFound, PayloadTooLarge
+from store.base import ArtifactStore, VersionInfo, is_valid_name, validate_name
+from store.errors import ArtifactCorrupt, InUse, InvalidArtifact, NotFound, PayloadTooLarge, VersionConflict
 from store.safetensors_io import SafetensorsLimits, check_expected, load_arrays, read_header
 
-__all__ = ["KIND", "Hypernetworks"]
+__all__ = ["KIND", "TASKS", "Hypernetworks", "named_hypernetwork"]
 
 log = logging.getLogger(__name__)
 
 KIND = "hypernetworks"
+TASKS = "tasks"
+"""The store kind of the tasks whose configs may name a hypernetwork."""
+
+
+def named_hypernetwork(config_bytes: bytes) -> str | None:
+    """The hypernetwork a task config names, if it is a well-formed `hyperformer` config (else None)."""
+    try:
+        raw = json.loads(config_bytes)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, dict) or raw.get("method") != "hyperformer":
+        return None
+    name = raw.get("hypernetwork")
+    return name if is_valid_name(name) else None
 
 
 class Hypernetworks:
@@ -47,6 +68,9 @@ class Hypernetworks:
         self._swaps = 0
         self._guard = threading.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Task uploads in flight that name a hypernetwork, and the names being deleted (both under the guard).
+        self._holds: Counter[str] = Counter()
+        self._deleting: set[str] = set()
         self.listeners: list[Callable[[str], Awaitable[None]]] = []
         """Awaited with a hypernetwork's name after its current version changed."""
 
@@ -181,6 +205,84 @@ class Hypernetworks:
                         log.exception("hypernetwork %s: dropping the old version's adapters failed", name)
             current = await asyncio.to_thread(self.store.current_version, KIND, name)
             return info, config, params, current == info.version
+
+    # -- references and deletion ----------------------------------------------------------------
+
+    def hold(self, name: str) -> None:
+        """Keep `name` from being deleted until `release` (any thread); refused while a delete runs."""
+        with self._guard:
+            if name in self._deleting:
+                raise InUse(f"hypernetwork {name!r} is being deleted; upload the task again once it is gone")
+            self._holds[name] += 1
+
+    def release(self, name: str) -> None:
+        """End a `hold` (any thread)."""
+        with self._guard:
+            self._holds[name] -= 1
+            if self._holds[name] <= 0:
+                del self._holds[name]
+
+    def users(self, name: str) -> list[str]:
+        """`task vN` for every stored task version whose config names this hypernetwork (reads the store)."""
+        out = []
+        for task in self.store.list_names(TASKS):
+            try:
+                versions = self.store.list_versions(TASKS, task)
+            except NotFound:
+                continue  # deleted while we looked
+            for info in versions:
+                try:
+                    config_bytes = self.store.get_config(TASKS, task, info.version)
+                except NotFound:
+                    continue
+                except ArtifactCorrupt:
+                    # it may name this one and be restored from a backup: refuse rather than guess
+                    out.append(f"{task} v{info.version} (unreadable)")
+                    continue
+                if named_hypernetwork(config_bytes) == name:
+                    out.append(f"{task} v{info.version}")
+        return out
+
+    async def delete(self, name: str) -> None:
+        """Remove a hypernetwork and all its versions; 409 while any stored task version names it."""
+        validate_name(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            await asyncio.to_thread(self.store.list_versions, KIND, name)  # 404 before any 409
+            with self._guard:
+                if self._holds[name] > 0:
+                    raise InUse(f"a task naming hypernetwork {name!r} is being uploaded; try again")
+                self._deleting.add(name)
+            try:
+                users = await asyncio.to_thread(self.users, name)
+                if users:
+                    shown = ", ".join(users[:10]) + (
+                        f" and {len(users) - 10} more" if len(users) > 10 else ""
+                    )
+                    raise InUse(
+                        f"hypernetwork {name!r} is named by stored task versions ({shown}); "
+                        "delete those versions or tasks first"
+                    )
+                await asyncio.to_thread(self.store.delete, KIND, name)
+                with self._guard:
+                    self._decoded.pop(name, None)
+                    # a decode that read the store before the delete must not install its copy
+                    self._swaps += 1
+            finally:
+                with self._guard:
+                    self._deleting.discard(name)
+        log.info("hypernetwork %s deleted", name)
+
+    async def delete_version(self, name: str, version: int) -> None:
+        """Remove one version that is not current (tasks always generate from the current one)."""
+        validate_name(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = await asyncio.to_thread(self.store.current_version, KIND, name)
+            if version == current:
+                raise VersionConflict(
+                    f"version {version} of hypernetwork {name!r} is current; upload or activate another "
+                    "version first, or delete the hypernetwork"
+                )
+            await asyncio.to_thread(self.store.delete_version, KIND, name, version)
 
     def summary(self) -> list[dict]:
         """Every hypernetwork with its current version and shape (reads the store)."""

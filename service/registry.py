@@ -19,6 +19,7 @@ from typing import Any
 
 from service.cache import Adapter, DeviceSlots, HostCache, Key
 from service.decode import Decoder
+from service.hypernets import TASKS, named_hypernetwork
 from service.metrics import Metrics
 from store.base import ArtifactStore, VersionInfo, validate_name
 from store.errors import AdapterServeError, NotFound, SlotsExhausted, VersionConflict
@@ -27,7 +28,7 @@ __all__ = ["Lease", "Registry", "TaskState"]
 
 log = logging.getLogger(__name__)
 
-KIND = "tasks"
+KIND = TASKS
 _uids = itertools.count(1)
 
 
@@ -194,16 +195,26 @@ class Registry:
                     task=task, uid=state.uid, version=0, config_bytes=cfg, weights_path=path, sha256=""
                 )
 
-            info = await asyncio.to_thread(
-                self.store.put_version,
-                KIND,
-                task,
-                config_bytes=config_bytes,
-                weights_src=weights_path,
-                version=version,
-                activate=False,
-                validate=validate,
-            )
+            # Held from before the name is resolved until the version is stored: a concurrent delete
+            # of the hypernetwork either sees the stored version or this hold (service/hypernets.py).
+            hypernetworks = self.decoder.hypernetworks
+            named = named_hypernetwork(config_bytes) if hypernetworks is not None else None
+            if named is not None:
+                hypernetworks.hold(named)
+            try:
+                info = await asyncio.to_thread(
+                    self.store.put_version,
+                    KIND,
+                    task,
+                    config_bytes=config_bytes,
+                    weights_src=weights_path,
+                    version=version,
+                    activate=False,
+                    validate=validate,
+                )
+            finally:
+                if named is not None:
+                    hypernetworks.release(named)
             adapter = holder.get("adapter") or await asyncio.to_thread(self._read, state, info.version)
             adapter.version, adapter.sha256 = info.version, info.sha256
             self._tasks.setdefault(task, state)

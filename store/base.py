@@ -107,6 +107,10 @@ class ArtifactStore(abc.ABC):
         """Return a version (None: the current one) after verifying its files."""
 
     @abc.abstractmethod
+    def get_config(self, kind: str, name: str, version: int) -> bytes:
+        """One version's config bytes after verifying that file alone (not the weights)."""
+
+    @abc.abstractmethod
     def current_version(self, kind: str, name: str) -> int | None:
         """The current version of a name, or None when none is active."""
 

@@ -69,6 +69,10 @@ class VersionConflict(AdapterServeError):
     """The version already exists or changed underneath the request (409)."""
 
 
+class InUse(VersionConflict):
+    """Still named by stored artifacts, or by an upload in flight, so it cannot be removed (409)."""
+
+
 class ArtifactCorrupt(AdapterServeError):
     """A stored file no longer matches its recorded sha256 (503 for that task)."""
 

@@ -492,11 +492,24 @@ class LocalStore(ArtifactStore):
 
     def get(self, kind: str, name: str, version: int | None = None) -> StoredArtifact:
         """Return a version (None: the current one) after checking both files against the manifest."""
-        who = label(kind, name)
         if version is None:
             version = self.current_version(kind, name)
             if version is None:
-                raise NotFound(f"{who} has no current version")
+                raise NotFound(f"{label(kind, name)} has no current version")
+        manifest, config = self._verified(kind, name, version, weights=True)
+        return StoredArtifact(
+            info=version_info(kind, name, version, manifest),
+            config_bytes=config,
+            weights_path=self._version_dir(kind, name, version) / _FILES[kind][1],
+        )
+
+    def get_config(self, kind: str, name: str, version: int) -> bytes:
+        """One version's config bytes, checked against the manifest (the weights are not read)."""
+        return self._verified(kind, name, version, weights=False)[1]
+
+    def _verified(self, kind: str, name: str, version: int, *, weights: bool) -> tuple[dict, bytes]:
+        """A version's manifest and config bytes, after checking the config (and `weights`) file."""
+        who = label(kind, name)
         vdir = self._version_dir(kind, name, version)
         config_name, weights_name = _FILES[kind]
         with io_errors(f"reading {who} version {version}"):
@@ -510,16 +523,15 @@ class LocalStore(ArtifactStore):
                 config = durable.verified_file(
                     vdir / config_name, manifest["config"], f"{what} config", keep=True
                 )
-                durable.verified_file(vdir / weights_name, manifest["weights"], f"{what} weights", keep=False)
+                if weights:
+                    durable.verified_file(
+                        vdir / weights_name, manifest["weights"], f"{what} weights", keep=False
+                    )
             except ArtifactCorrupt:
                 if not is_plain_dir(vdir):
                     raise NotFound(f"{who} has no version {version}; it was just deleted") from None
                 raise
-        return StoredArtifact(
-            info=version_info(kind, name, version, manifest),
-            config_bytes=config,
-            weights_path=vdir / weights_name,
-        )
+        return manifest, config
 
     def current_version(self, kind: str, name: str) -> int | None:
         """The current version of a name, or None when none is active; NotFound for an unknown name."""

@@ -69,3 +69,13 @@ def test_the_sync_client_uploads_hypernetwork_versions(tiny_model_dir, start_ser
         answer = admin.predict("ta", TEXTS)
         assert answer.version == 1 and len(answer.outputs) == len(TEXTS)
         assert {o.label for o in answer.outputs} <= {"negative", "positive"}
+
+        # Deleting: the unused version goes; the hypernetwork stays while task `ta` names it.
+        admin.delete_hypernetwork("shared", version=5)
+        assert admin.hypernetworks()[0].versions == [4]
+        with pytest.raises(ConflictError) as err:
+            admin.delete_hypernetwork("shared")
+        assert (err.value.status, err.value.kind) == (409, "in_use")
+        admin.delete("ta")
+        admin.delete_hypernetwork("shared")
+        assert admin.hypernetworks() == []

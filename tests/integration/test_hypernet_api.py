@@ -537,6 +537,98 @@ async def test_error_codes(running, artifacts):
         assert (await client.get("/v1/adapters", headers=admin())).json() == {"adapters": []}
 
 
+async def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+async def test_a_hypernetwork_is_deleted_only_once_no_stored_task_version_names_it(running, artifacts):
+    async with running() as (app, client):
+        spec = app.state.service.backbone.spec
+        _, v2, task = await _two_versions_and_a_task(client, spec, artifacts)
+        assert (
+            await client.post("/v1/hypernetworks/shared", files=hyper_parts(v2), headers=admin())
+        ).is_success
+        want = generated_outputs(v2, task, TEXTS)
+        assert (await client.delete("/v1/hypernetworks/shared")).status_code == 401
+
+        # versions: the current one stays, an older one goes
+        err = await _error(await client.delete("/v1/hypernetworks/shared/versions/2", headers=admin()), 409)
+        assert "current" in err["message"]
+        r = await client.delete("/v1/hypernetworks/shared/versions/1", headers=admin())
+        assert r.status_code == 204
+        await _error(await client.delete("/v1/hypernetworks/shared/versions/1", headers=admin()), 404)
+        listed = (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"]
+        assert [(h["name"], h["versions"], h["current_version"]) for h in listed] == [("shared", [2], 2)]
+        assert_outputs_close(await predict(client, "ta"), want)
+
+        # a stored task version names it, even when it is not current: refused, nothing changes
+        lora = make_artifact(artifacts, "lora", "lora", spec, seed=1)
+        assert (
+            await client.post("/v1/adapters/ta", files=multipart(lora), headers=admin())
+        ).status_code == 201
+        err = await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
+        assert err["type"] == "in_use" and "ta v1" in err["message"] and "ta v2" not in err["message"]
+        assert (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"] == listed
+        r = await client.put("/v1/adapters/ta/current", json={"version": 1}, headers=admin())
+        assert r.status_code == 200, r.text
+        assert_outputs_close(await predict(client, "ta"), want)
+
+        # once that version is gone, so can the hypernetwork be
+        r = await client.put("/v1/adapters/ta/current", json={"version": 2}, headers=admin())
+        assert r.status_code == 200
+        assert (await client.delete("/v1/adapters/ta/versions/1", headers=admin())).status_code == 204
+        assert (await client.delete("/v1/hypernetworks/shared", headers=admin())).status_code == 204
+        assert (await client.get("/v1/hypernetworks", headers=admin())).json() == {"hypernetworks": []}
+        assert app.state.service.hypernetworks._decoded == {}
+        await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 404)
+        await _error(await client.delete("/v1/hypernetworks/bad..name", headers=admin()), 400)
+        # the task's other version serves on; a new task naming the deleted hypernetwork is refused
+        r = await client.post("/v1/tasks/ta/predict", json={"inputs": TEXTS})
+        assert r.status_code == 200 and r.headers["x-adapter-version"] == "2"
+        err = await _error(await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 422)
+        assert "POST /v1/hypernetworks/shared" in err["message"]
+
+
+async def test_a_hypernetwork_delete_and_a_task_upload_naming_it_never_both_succeed(
+    running, artifacts, monkeypatch
+):
+    async with running() as (app, client):
+        svc = app.state.service
+        spec = svc.backbone.spec
+        _, _, task = await _two_versions_and_a_task(client, spec, artifacts, upload_task=False)
+
+        # An upload paused inside its validation holds the hypernetwork: the delete is refused.
+        reached, release = _pause_first_call(svc.decoder, "decode", monkeypatch)
+        upload = asyncio.create_task(client.post("/v1/adapters/ta", files=multipart(task), headers=admin()))
+        try:
+            assert await asyncio.to_thread(reached.wait, 60)
+            err = await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
+            assert "being uploaded" in err["message"]
+        finally:
+            release.set()
+        assert (await upload).status_code == 201
+        assert svc.hypernetworks._holds == {}
+        monkeypatch.undo()
+
+        # A delete paused while it looks for users: an upload naming the hypernetwork is refused
+        # meanwhile; the delete, which found no user, then succeeds and the upload left nothing.
+        assert (await client.delete("/v1/adapters/ta", headers=admin())).status_code == 204
+        reached, release = _pause_first_call(svc.hypernetworks, "users", monkeypatch)
+        delete = asyncio.create_task(client.delete("/v1/hypernetworks/shared", headers=admin()))
+        try:
+            assert await asyncio.to_thread(reached.wait, 60)
+            err = await _error(
+                await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 409
+            )
+            assert err["type"] == "in_use" and "being deleted" in err["message"]
+        finally:
+            release.set()
+        assert (await delete).status_code == 204
+        assert (await client.get("/v1/adapters", headers=admin())).json() == {"adapters": []}
+        assert svc.hypernetworks._deleting == set()
+
+
 async def test_seed_directory_seeds_hypernetworks_before_their_tasks(running, artifacts, tmp_path):
     spec = tiny_backbone().spec
     cfg = hyper_config(spec.fingerprint)

@@ -251,6 +251,22 @@ def test_damage_is_detected_on_read(store: LocalStore, src: Path, root: Path, da
     assert store.get("tasks", "t", 2).config_bytes == CONFIG
 
 
+def test_get_config_checks_the_config_file_alone(store: LocalStore, src: Path, root: Path) -> None:
+    store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
+    v1 = root / "tasks" / "t" / "v1"
+    assert store.get_config("tasks", "t", 1) == CONFIG
+    # damaged weights fail a full read but not a config read
+    (v1 / "adapter.safetensors").write_bytes(b"x" + (v1 / "adapter.safetensors").read_bytes()[1:])
+    with pytest.raises(ArtifactCorrupt):
+        store.get("tasks", "t", 1)
+    assert store.get_config("tasks", "t", 1) == CONFIG
+    (v1 / "adapter_config.json").write_bytes(CONFIG.replace(b"4", b"8"))
+    with pytest.raises(ArtifactCorrupt, match="task 't' version 1 config"):
+        store.get_config("tasks", "t", 1)
+    with pytest.raises(NotFound):
+        store.get_config("tasks", "t", 2)
+
+
 def test_unreadable_manifest_is_ignored_but_kept(store: LocalStore, src: Path, root: Path) -> None:
     store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
     store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
