@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from adapters.backbone import Backbone
-from adapters.data import Example, TaskData
+from adapters.backbone import Backbone, load_backbone
+from adapters.data import Example, TaskData, glue_dir, load_glue
 from adapters.model import BankConfig, MultiTaskModel
 from adapters.train import TrainOptions
 from adapters.train_hyper import (
@@ -183,3 +183,32 @@ def test_command_line_registers_both_entry_points():
     assert args.func.__name__ == "run_train_hyper" and args.temperature == 2.0
     args = parser.parse_args(["train", "--hypernetwork", "glue", "--glue", "RTE", "--out", "o"])
     assert args.hypernetwork == "glue" and args.method is None
+
+
+@pytest.mark.minilm
+@pytest.mark.skipif(
+    not (glue_dir() / "SST-2").is_dir(),
+    reason=f"GLUE data not found at {glue_dir()} (set ADAPTERSERVE_GLUE_DIR)",
+)
+def test_default_hypernetwork_learns_a_regression_and_a_classification_task_jointly():
+    """SST-2 + STS-B on MiniLM at the default widths and learning rate: both tasks learn.
+
+    At the former default rate (1e-3) the shared generator overshot within 20 steps and both
+    tasks ended near chance after these 80 steps (SST-2 accuracy 0.53, STS-B Pearson 0.22); at
+    3e-4 they reach 0.66 and 0.79 (the majority class is 0.51 on these 200 dev examples).
+    """
+    opts = TrainOptions(
+        steps=80,
+        max_train_examples=500,
+        max_dev_examples=200,
+        max_length=64,
+        eval_every=80,
+        dropout=False,
+        progress=False,
+        seed=0,
+    )
+    tasks = [load_glue("SST-2"), load_glue("STS-B")]
+    result = train_hyper(load_backbone(device="cpu", dtype="float32"), tasks, name="glue", options=opts)
+    dev = {t.name: t.dev for t in result.tasks}
+    assert dev["sst-2"]["accuracy"] >= 0.6, dev
+    assert dev["sts-b"]["pearson"] >= 0.6, dev
