@@ -43,6 +43,7 @@ __all__ = [
     "TASK_LR_SCALE",
     "HyperResult",
     "TaskResult",
+    "default_lr",
     "init_hypernetwork",
     "load_hypernetwork",
     "task_name",
@@ -56,13 +57,8 @@ HYPER_DEFAULTS: dict = {"variant": "hyperformer++", "bottleneck_dim": 24, "sites
 """Hypernetwork hyperparameters unless overridden (the other widths: the schema's defaults)."""
 
 HYPER_LR = 3e-4
-"""Peak learning rate of multi-task hypernetwork training (the Hyperformer papers' rate).
-
-Adam moves every entry of a generator matrix by about the learning rate per step, and each
-generated weight sums `projected_dim` of those entries, so generated adapters move some 50 times
-faster than directly trained ones. At 1e-3 the shared generator overshoots within 20 steps and the
-pooled features of every task collapse (SST-2 + STS-B, or SST-2 + MRPC over 80 steps, stayed at
-chance); 3e-4 trains both pairs (docs/results.md)."""
+"""Peak learning rate of multi-task hypernetwork training at `projected_dim` 64 (the Hyperformer
+papers' rate and width); other widths get `HYPER_LR * 64 / projected_dim` (see `default_lr`)."""
 TASK_LR_SCALE = 10.0
 """Task embeddings and heads learn this many times faster than the shared generator (new heads start
 from nothing; the generator is shared by every task)."""
@@ -99,6 +95,19 @@ class HyperResult:
         """Mean of the tasks' dev scores."""
         scores = [t.dev["score"] for t in self.tasks if "score" in t.dev]
         return sum(scores) / len(scores) if scores else float("nan")
+
+
+def default_lr(config: HypernetworkConfig) -> float:
+    """The generator's default peak learning rate: `HYPER_LR` scaled to the conditioning width.
+
+    Adam moves every entry of a generator matrix by about the learning rate per step, and each
+    generated weight sums `projected_dim` such entries, so generated adapters move about
+    `lr * projected_dim` per step whatever the rate of directly trained ones. At 1e-3 with width
+    64 the shared generator overshot within 20 steps and every task's pooled features collapsed
+    (SST-2 + STS-B, or SST-2 + MRPC over 80 steps, stayed at chance); keeping `lr * projected_dim`
+    at 0.0192 trains both pairs at width 64 and at 16 (docs/hypernetworks.md).
+    """
+    return HYPER_LR * 64 / config.projected_dim
 
 
 def task_name(task: TaskData) -> str:
@@ -425,7 +434,7 @@ def train_hyper(
         prepared,
         groups,
         opts=opts,
-        lr=opts.lr or HYPER_LR,
+        lr=opts.lr or default_lr(config),
         temperature=temperature,
         g=g,
         desc=f"hyper {'+'.join(t.name for t in tasks)}",
@@ -459,7 +468,7 @@ def train_hyper(
         "trained_with": "adapterserve train-hyper",
         "steps": steps,
         "temperature": temperature,
-        "learning_rate": opts.lr or HYPER_LR,
+        "learning_rate": opts.lr or default_lr(config),
         "seed": opts.seed,
     }
     return HyperResult(

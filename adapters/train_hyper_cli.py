@@ -30,7 +30,10 @@ __all__ = ["add_hypernetwork_option", "add_train_hyper_parser", "run_train_hyper
 def _budget_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("budget")
     add_budget_arguments(
-        t, lr_help=f"default {HYPER_LR}", epochs_help="passes over all tasks' examples", each="per task: "
+        t,
+        lr_help=f"default {HYPER_LR} x 64 / projected dim",
+        epochs_help="passes over all tasks' examples",
+        each="per task: ",
     )
     t.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
     t.add_argument("--backbone", help="backbone directory (default: $ADAPTERSERVE_BACKBONE or MiniLM-L6)")

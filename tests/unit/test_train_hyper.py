@@ -185,6 +185,21 @@ def test_command_line_registers_both_entry_points():
     assert args.hypernetwork == "glue" and args.method is None
 
 
+def test_the_default_learning_rate_scales_with_the_conditioning_width():
+    """Generated weights move about lr * projected_dim per step, so the default keeps that product."""
+    from adapters.train_hyper import HYPER_LR, default_lr
+
+    def config(width: int):
+        return parse_config({"method": "hypernetwork", "backbone_fingerprint": "x", "projected_dim": width})
+
+    assert default_lr(config(64)) == pytest.approx(HYPER_LR) == pytest.approx(3e-4)
+    assert default_lr(config(16)) == pytest.approx(4 * HYPER_LR)
+    # a run without --lr records the rate it used
+    opts = TrainOptions(steps=2, batch_size=8, max_length=16, progress=False, seed=0)
+    result = train_hyper(_backbone(), [_task("good", "good", seed=1)], name="tiny", hyper=HYPER, options=opts)
+    assert result.config.metadata["learning_rate"] == pytest.approx(HYPER_LR * 64 / HYPER["projected_dim"])
+
+
 @pytest.mark.minilm
 @pytest.mark.skipif(
     not (glue_dir() / "SST-2").is_dir(),
