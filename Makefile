@@ -39,3 +39,15 @@ demo-artifacts: install
 	$(DEMO_TRAIN) --glue MRPC --method lora --label-names not_equivalent,equivalent \
 		--epochs 2 --lr 2e-3 --out examples/mrpc --task mrpc
 	$(DEMO_TRAIN) --glue STS-B --method prefix --epochs 2 --lr 1e-2 --out examples/stsb --task stsb
+	# the hypernetwork demo: a small Hyperformer++ over three tasks; two of its tasks are served
+	rm -rf .demo-hyper
+	HF_HUB_OFFLINE=1 $(BIN)/adapterserve train-hyper --glue SST-2,MRPC,STS-B --name glue-mini \
+		--bottleneck-dim 8 --layer-embedding-dim 16 --site-embedding-dim 8 --hidden-dim 64 --projected-dim 16 \
+		--steps 600 --max-train-examples 4000 --max-dev-examples 400 --max-length 64 --seed 0 --threads 1 \
+		--out .demo-hyper
+	rm -rf examples/hypernetworks/glue-mini examples/sst2-hyper examples/stsb-hyper
+	mkdir -p examples/hypernetworks
+	mv .demo-hyper/hypernetworks/glue-mini examples/hypernetworks/glue-mini
+	mv .demo-hyper/sst-2 examples/sst2-hyper
+	mv .demo-hyper/sts-b examples/stsb-hyper
+	rm -rf .demo-hyper

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear
-from adapters.data import Batches, Dataset, TaskData, compute_metrics, tokenize
+from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
 from adapters.hypernet import Hypernetwork
 from adapters.methods.base import common_entries
 from adapters.model import BankConfig, MultiTaskModel
@@ -493,7 +493,11 @@ def _metadata(t: _Task, *, opts: TrainOptions, steps: int, dev: dict, trained_wi
     }
     if dev:
         meta["dev_metric"] = "+".join(t.data.metrics)
+        meta["dev_examples"] = len(t.dev)
         meta |= {f"dev_{k}": round(v, 6) for k, v in dev.items()}
+        # the majority-class (or mean-target) score on the same dev examples, as `train` records it
+        base = baseline_metrics(t.train, t.dev, kind=t.data.kind, metrics=t.data.metrics)
+        meta |= {f"baseline_{k}": round(v, 6) for k, v in base.items()}
     return meta
 
 

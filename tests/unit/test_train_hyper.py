@@ -133,7 +133,9 @@ def test_artifacts_round_trip_and_serve_what_was_evaluated(trained, tmp_path, mo
     assert cfg.method == "hyperformer" and cfg.hypernetwork == "tiny"
     arrays = load_arrays(root / "good" / "adapter.safetensors", limits=SafetensorsLimits())
     assert {k: tuple(v.shape) for k, v in arrays.items()} == expected_tensors(cfg, backbone.spec)
-    assert json.loads((root / "good" / "adapter_config.json").read_text())["metadata"]["dev_accuracy"] >= 0.9
+    meta = json.loads((root / "good" / "adapter_config.json").read_text())["metadata"]
+    assert meta["dev_accuracy"] >= 0.9 and meta["dev_examples"] == len(tasks[0].dev)
+    assert meta["baseline_accuracy"] == pytest.approx(0.5, abs=0.05)  # balanced synthetic task
     # the served model (slot banks, generated on load) answers as the trainer evaluated
     model = MultiTaskModel(_backbone(), banks=BankConfig(slots=4))
     model.load(1, cfg, {k: torch.from_numpy(v) for k, v in arrays.items()}, hypernetwork=net)
