@@ -44,7 +44,7 @@ demo-artifacts: install
 	HF_HUB_OFFLINE=1 $(BIN)/adapterserve train-hyper --glue SST-2,MRPC,STS-B --name glue-mini \
 		--bottleneck-dim 8 --layer-embedding-dim 16 --site-embedding-dim 8 --hidden-dim 64 --projected-dim 16 \
 		--steps 600 --max-train-examples 4000 --max-dev-examples 400 --max-length 64 --seed 0 --threads 1 \
-		--out .demo-hyper
+		--label-names SST-2=negative,positive --label-names MRPC=not_equivalent,equivalent --out .demo-hyper
 	rm -rf examples/hypernetworks/glue-mini examples/sst2-hyper examples/stsb-hyper
 	mkdir -p examples/hypernetworks
 	mv .demo-hyper/hypernetworks/glue-mini examples/hypernetworks/glue-mini

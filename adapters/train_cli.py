@@ -127,7 +127,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _renamed(task: TaskData, names: str | None) -> TaskData:
+def renamed(task: TaskData, names: str | None) -> TaskData:
     """The task with its labels renamed in order (`--label-names`)."""
     if not names:
         return task
@@ -151,7 +151,7 @@ def task_data(args: argparse.Namespace) -> TaskData:
     from adapters.data import infer_task, load_glue, read_examples
 
     if args.glue:
-        return _renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
+        return renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
     cols = {
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
@@ -165,7 +165,7 @@ def task_data(args: argparse.Namespace) -> TaskData:
     if kind != "regression" and len(labels) == 2:
         metrics = ("accuracy", "f1", "matthews")
     name = args.task or args.train_file.stem
-    return _renamed(
+    return renamed(
         TaskData(name, train_ex, dev_ex, kind, labels, metrics), getattr(args, "label_names", None)
     )
 

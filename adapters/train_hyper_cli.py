@@ -54,6 +54,13 @@ def add_train_hyper_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (a seed directory layout)")
     p.add_argument("--name", default="glue", help="hypernetwork name (tasks refer to it)")
     p.add_argument("--temperature", type=float, default=1.0, help="task sampling ~ size ** (1 / T)")
+    p.add_argument(
+        "--label-names",
+        action="append",
+        default=[],
+        metavar="TASK=NAMES",
+        help="names a task's head gives its labels, in their order, e.g. SST-2=negative,positive (repeatable)",
+    )
     h = p.add_argument_group("hypernetwork")
     h.add_argument("--variant", choices=("hyperformer++", "hyperformer"), default="hyperformer++")
     h.add_argument("--bottleneck-dim", type=int, default=HYPER_DEFAULTS["bottleneck_dim"])
@@ -92,10 +99,18 @@ def run_train_hyper(args: argparse.Namespace) -> int:
 
     from adapters.backbone import load_backbone
     from adapters.data import load_glue
+    from adapters.train_cli import renamed
 
     _threads(args)
     try:
         tasks = [load_glue(n.strip(), root=args.glue_dir) for n in args.glue.split(",") if n.strip()]
+        names = {}
+        for item in args.label_names:
+            task, sep, labels = item.partition("=")
+            if not sep or task.lower() not in {t.name.lower() for t in tasks}:
+                raise ValueError(f"--label-names {item!r}: expected TASK=NAMES for one of the --glue tasks")
+            names[task.lower()] = labels
+        tasks = [renamed(t, names.get(t.name.lower())) for t in tasks]
     except (OSError, ValueError) as exc:
         print(f"adapterserve train-hyper: {exc}", file=sys.stderr)
         return 2

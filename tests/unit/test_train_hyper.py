@@ -183,6 +183,20 @@ def test_command_line_registers_both_entry_points():
         ["train-hyper", "--glue", "SST-2,MRPC", "--out", "o", "--temperature", "2", "--steps", "5"]
     )
     assert args.func.__name__ == "run_train_hyper" and args.temperature == 2.0
+    args = parser.parse_args(
+        [
+            "train-hyper",
+            "--glue",
+            "SST-2",
+            "--out",
+            "o",
+            "--label-names",
+            "SST-2=neg,pos",
+            "--label-names",
+            "x=y",
+        ]
+    )
+    assert args.label_names == ["SST-2=neg,pos", "x=y"]
     args = parser.parse_args(["train", "--hypernetwork", "glue", "--glue", "RTE", "--out", "o"])
     assert args.hypernetwork == "glue" and args.method is None
 
@@ -229,3 +243,27 @@ def test_default_hypernetwork_learns_a_regression_and_a_classification_task_join
     dev = {t.name: t.dev for t in result.tasks}
     assert dev["sst-2"]["accuracy"] >= 0.6, dev
     assert dev["sts-b"]["pearson"] >= 0.6, dev
+
+
+@pytest.mark.skipif(
+    not (glue_dir() / "SST-2").is_dir(),
+    reason=f"GLUE data not found at {glue_dir()} (set ADAPTERSERVE_GLUE_DIR)",
+)
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        ("MRPC=a,b", "one of the --glue tasks"),
+        ("SST-2", "TASK=NAMES"),
+        ("SST-2=a,b,c", "2 distinct names"),
+        ("STS-B=a,b", "regression"),
+    ],
+)
+def test_train_hyper_refuses_bad_label_names_before_loading_a_backbone(flag, says, tmp_path, capsys):
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train-hyper", "--glue", "SST-2,STS-B", "--out", str(tmp_path / "o"), "--label-names", flag]
+    )
+    assert args.func(args) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
