@@ -189,10 +189,15 @@ def reference_generation(directory: Path, prompts: list[str], *, max_new_tokens:
 
 
 async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Yield to the event loop until `cond()` holds (state changes come from other tasks and threads)."""
+    """Wait until `cond()` holds (state changes come from other tasks and threads), checking every millisecond.
+
+    Not a busy `sleep(0)` loop: that keeps the event loop's thread runnable, so the device worker
+    thread waits for the GIL after every torch call that released it (a forward of 32 rows then
+    took seconds, and the load battery's 10 s waits ran out).
+    """
     async with asyncio.timeout(timeout):
         while not cond():
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
 
 
 class WorkerGate:
