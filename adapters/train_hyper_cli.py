@@ -104,10 +104,11 @@ def run_train_hyper(args: argparse.Namespace) -> int:
     _threads(args)
     try:
         tasks = [load_glue(n.strip(), root=args.glue_dir) for n in args.glue.split(",") if n.strip()]
+        known = {t.name.lower() for t in tasks}
         names = {}
         for item in args.label_names:
             task, sep, labels = item.partition("=")
-            if not sep or task.lower() not in {t.name.lower() for t in tasks}:
+            if not sep or task.lower() not in known:
                 raise ValueError(f"--label-names {item!r}: expected TASK=NAMES for one of the --glue tasks")
             names[task.lower()] = labels
         tasks = [renamed(t, names.get(t.name.lower())) for t in tasks]

@@ -537,7 +537,8 @@ async def test_error_codes(running, artifacts):
         assert (await client.get("/v1/adapters", headers=admin())).json() == {"adapters": []}
 
 
-async def _error(r: httpx.Response, status: int) -> dict:
+def _error(r: httpx.Response, status: int) -> dict:
+    """The error body of a response that must have `status`."""
     assert r.status_code == status, r.text
     return r.json()["error"]
 
@@ -553,11 +554,11 @@ async def test_a_hypernetwork_is_deleted_only_once_no_stored_task_version_names_
         assert (await client.delete("/v1/hypernetworks/shared")).status_code == 401
 
         # versions: the current one stays, an older one goes
-        err = await _error(await client.delete("/v1/hypernetworks/shared/versions/2", headers=admin()), 409)
+        err = _error(await client.delete("/v1/hypernetworks/shared/versions/2", headers=admin()), 409)
         assert "current" in err["message"]
         r = await client.delete("/v1/hypernetworks/shared/versions/1", headers=admin())
         assert r.status_code == 204
-        await _error(await client.delete("/v1/hypernetworks/shared/versions/1", headers=admin()), 404)
+        _error(await client.delete("/v1/hypernetworks/shared/versions/1", headers=admin()), 404)
         listed = (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"]
         assert [(h["name"], h["versions"], h["current_version"]) for h in listed] == [("shared", [2], 2)]
         assert_outputs_close(await predict(client, "ta"), want)
@@ -567,7 +568,7 @@ async def test_a_hypernetwork_is_deleted_only_once_no_stored_task_version_names_
         assert (
             await client.post("/v1/adapters/ta", files=multipart(lora), headers=admin())
         ).status_code == 201
-        err = await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
+        err = _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
         assert err["type"] == "in_use" and "ta v1" in err["message"] and "ta v2" not in err["message"]
         assert (await client.get("/v1/hypernetworks", headers=admin())).json()["hypernetworks"] == listed
         r = await client.put("/v1/adapters/ta/current", json={"version": 1}, headers=admin())
@@ -581,12 +582,12 @@ async def test_a_hypernetwork_is_deleted_only_once_no_stored_task_version_names_
         assert (await client.delete("/v1/hypernetworks/shared", headers=admin())).status_code == 204
         assert (await client.get("/v1/hypernetworks", headers=admin())).json() == {"hypernetworks": []}
         assert app.state.service.hypernetworks._decoded == {}
-        await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 404)
-        await _error(await client.delete("/v1/hypernetworks/bad..name", headers=admin()), 400)
+        _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 404)
+        _error(await client.delete("/v1/hypernetworks/bad..name", headers=admin()), 400)
         # the task's other version serves on; a new task naming the deleted hypernetwork is refused
         r = await client.post("/v1/tasks/ta/predict", json={"inputs": TEXTS})
         assert r.status_code == 200 and r.headers["x-adapter-version"] == "2"
-        err = await _error(await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 422)
+        err = _error(await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 422)
         assert "POST /v1/hypernetworks/shared" in err["message"]
 
 
@@ -603,7 +604,7 @@ async def test_a_hypernetwork_delete_and_a_task_upload_naming_it_never_both_succ
         upload = asyncio.create_task(client.post("/v1/adapters/ta", files=multipart(task), headers=admin()))
         try:
             assert await asyncio.to_thread(reached.wait, 60)
-            err = await _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
+            err = _error(await client.delete("/v1/hypernetworks/shared", headers=admin()), 409)
             assert "being uploaded" in err["message"]
         finally:
             release.set()
@@ -618,9 +619,7 @@ async def test_a_hypernetwork_delete_and_a_task_upload_naming_it_never_both_succ
         delete = asyncio.create_task(client.delete("/v1/hypernetworks/shared", headers=admin()))
         try:
             assert await asyncio.to_thread(reached.wait, 60)
-            err = await _error(
-                await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 409
-            )
+            err = _error(await client.post("/v1/adapters/tb", files=multipart(task), headers=admin()), 409)
             assert err["type"] == "in_use" and "being deleted" in err["message"]
         finally:
             release.set()
