@@ -109,16 +109,25 @@ class LocalStore(ArtifactStore):
         self.limits = limits or SafetensorsLimits()
         self.max_store_bytes = max_store_bytes
         try:
+            made_root = not os.path.lexists(root)
             os.makedirs(root, exist_ok=True)
             # The root itself may legitimately be a symlink chosen by the operator; everything below it
             # is checked against the resolved root.
             self._root = Path(root).resolve(strict=True)
+            if made_root:
+                fsync_dir(self._root.parent)
+            made = False
             for sub in (*KINDS, _LOCKS):
                 path = self._root / sub
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(path, 0o755)
+                    made = True
                 if not is_plain_dir(path):
                     raise StoreUnavailable(f"the store's {sub!r} entry is not a plain directory")
+            if made:
+                # Every name lives under a kind's directory: a power cut must not take that entry away
+                # after the first upload into it was acknowledged.
+                fsync_dir(self._root)
             self._recover()
         except OSError as exc:
             raise durable.io_error(exc, "opening the store") from None
