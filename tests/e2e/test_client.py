@@ -15,6 +15,8 @@ import pytest
 import torch
 from e2e_support import ADMIN, API, InProcess, assert_close, free_port, write_random_artifact
 
+from service import client as client_module
+from service import client_types
 from service.client import (
     AdapterDetail,
     AsyncClient,
@@ -205,35 +207,66 @@ def _queue_full(retry_after: str | None) -> tuple[int, dict[str, str], object]:
     return 429, headers, {"error": {"type": "queue_full", "message": "the queue is full"}}
 
 
-def test_429_is_retried_after_the_servers_retry_after(scripted):
+class FakeTime:
+    """The client's `time` module with a clock that moves only when the client sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_time(monkeypatch) -> FakeTime:
+    """Retry waits are recorded, not slept: exact delays, and no test time spent waiting."""
+    fake = FakeTime()
+    monkeypatch.setattr(client_module, "time", fake)
+    return fake
+
+
+def test_429_is_retried_after_the_servers_retry_after(scripted, fake_time):
     server = scripted(_queue_full("1"), (200, {}, PREDICTED))
     with Client(server.url, retry=Retry(attempts=3, budget_s=10)) as client:
         answer = client.predict("t", ["x"])
     assert answer.version == 3 and answer.outputs[0].label == "positive"
-    (first, *_), (second, *_) = server.received
-    assert 1.0 <= second - first < 3.0
+    assert len(server.received) == 2 and fake_time.slept == [1.0]
 
 
-def test_a_wait_past_the_budget_is_not_started(scripted):
+def test_a_wait_past_the_budget_is_not_started(scripted, fake_time):
     server = scripted((503, {"Retry-After": "30"}, {"error": {"type": "draining", "message": "draining"}}))
-    started = time.monotonic()
     with (
         Client(server.url, retry=Retry(attempts=5, budget_s=5)) as client,
         pytest.raises(UnavailableError) as err,
     ):
         client.predict("t", ["x"])
-    assert time.monotonic() - started < 2.0 and len(server.received) == 1
+    assert fake_time.slept == [] and len(server.received) == 1
     assert (err.value.status, err.value.kind, err.value.retry_after) == (503, "draining", 30.0)
 
 
-def test_attempts_are_bounded_and_backoff_grows(scripted):
+def test_the_budget_counts_time_already_spent(scripted, fake_time):
+    """The first 3 s wait fits a 5 s budget; the second would end past it, so it is not started."""
+    server = scripted(_queue_full("3"), _queue_full("3"), (200, {}, PREDICTED))
+    with Client(server.url, retry=Retry(attempts=5, budget_s=5)) as client, pytest.raises(RateLimitedError):
+        client.predict("t", ["x"])
+    assert fake_time.slept == [3.0] and len(server.received) == 2
+
+
+def test_attempts_are_bounded_and_backoff_grows(scripted, fake_time):
     server = scripted(*[_queue_full(None)] * 5)
     retry = Retry(attempts=3, budget_s=10, backoff_s=0.05)
     with Client(server.url, retry=retry) as client, pytest.raises(RateLimitedError) as err:
         client.predict("t", ["x"])
     assert err.value.status == 429 and len(server.received) == 3
-    times = [t for t, _, _ in server.received]
-    assert times[1] - times[0] >= 0.05 and times[2] - times[1] >= 0.1
+    assert fake_time.slept == [0.05, 0.1]
 
 
 def test_a_retried_upload_sends_the_whole_body_again(scripted, tmp_path):
@@ -274,10 +307,13 @@ def test_a_refused_connection_is_retried_then_raises():
         client.livez()
 
 
-def test_retry_after_as_an_http_date():
-    when = email.utils.formatdate(time.time() + 20, usegmt=True)
-    seconds = retry_after_of(httpx.Response(429, headers={"Retry-After": when}))
-    assert 18 <= seconds <= 20
+def test_retry_after_as_an_http_date(monkeypatch):
+    now = 1_700_000_000.0
+    monkeypatch.setattr(client_types.time, "time", lambda: now)
+    when = email.utils.formatdate(now + 20, usegmt=True)
+    assert retry_after_of(httpx.Response(429, headers={"Retry-After": when})) == 20.0
+    past = email.utils.formatdate(now - 5, usegmt=True)
+    assert retry_after_of(httpx.Response(429, headers={"Retry-After": past})) == 0.0
     assert retry_after_of(httpx.Response(429, headers={"Retry-After": "soon"})) is None
 
 

@@ -9,8 +9,8 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +178,6 @@ async def test_malformed_uploads_are_4xx_and_change_nothing(running, artifacts, 
         before = tree_digest(store)
         got = {}
         for kind, config, weights, _status, name in cases:
-            started = time.perf_counter()
             r = await client.post(
                 "/v1/adapters/t", files=files(config, weights, weights_name=name), headers=admin()
             )
@@ -188,11 +187,12 @@ async def test_malformed_uploads_are_4xx_and_change_nothing(running, artifacts, 
             _no_path_in(r.text, store, upload_tmp)
             assert tree_digest(store) == before, kind
             assert os.listdir(upload_tmp) == [], kind
+            # Refused before 100k entries are built: by the header's byte size before it is parsed, and
+            # a smaller one by the tensor count while it is parsed (only the parse hook says "more than").
+            if kind == "header_with_100k_entries":
+                assert re.search(r"header is \d+ bytes; the limit is \d+", r.json()["error"]["message"])
             if kind == "header_with_5k_entries":
                 assert "more than 4096 tensors" in r.json()["error"]["message"]
-            if kind.startswith("header_with_"):
-                # Refused while parsing the header, not after building 100k entries.
-                assert time.perf_counter() - started < 2.0
         assert got == {kind: status for kind, _, _, status, _ in cases}
         # A body over the limit is refused before it is read to the end.
         app.state.service.settings.max_upload_bytes = 256 << 10
