@@ -9,6 +9,7 @@ forward only computes up to the largest rank used by the rows at hand.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Collection
 from typing import Any, ClassVar
 
@@ -337,7 +338,17 @@ class SublayerBanks(nn.Module):
         self.mhpa: nn.Module | None = None
         self.tiny: nn.Module | None = None
         self.phm: nn.Module | None = None
-        self.x_in: torch.Tensor | None = None
+        # Per thread, like the router's state: forwards on several threads share these banks.
+        object.__setattr__(self, "_stash", threading.local())
+
+    @property
+    def x_in(self) -> torch.Tensor | None:
+        """The sublayer input this thread's forward stashed (None outside a forward)."""
+        return getattr(self._stash, "x", None)
+
+    @x_in.setter
+    def x_in(self, value: torch.Tensor | None) -> None:
+        self._stash.x = value
 
     def pre_output(self, x: torch.Tensor) -> torch.Tensor:
         """Adjust the input of the sublayer's output projection (multi-head parallel adapters)."""

@@ -9,7 +9,6 @@ The module tree is changed once, here, at construction; loading and evicting onl
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from adapters.backbone import Backbone
 from adapters.banks import BankedLinear, BankedNorm, BottleneckBank, IA3Bank, LoRABank, SublayerBanks
 from adapters.heads import HeadBank, HeadOutput
 from adapters.methods import common_entries, get_method
-from adapters.router import Router
+from adapters.router import Router, SharedLock
 from store.artifact import expected_tensors, post_norm_backbone
 
 __all__ = ["BankConfig", "MultiTaskModel"]
@@ -74,7 +73,8 @@ class MultiTaskModel(nn.Module):
         self.config = banks or BankConfig()
         self.spec = backbone.spec
         self.router = Router()
-        self.lock = threading.RLock()
+        # Forwards hold it shared (several threads may run parts of a batch at once), slot writes alone.
+        self.lock = SharedLock()
         self.banks: dict[tuple[str, str], nn.Module] = {}
         self._bank_modules = nn.ModuleDict()
         self._slot_banks: dict[int, list[nn.Module]] = {}
@@ -275,7 +275,7 @@ class MultiTaskModel(nn.Module):
         return entries
 
     def _write(self, slot: int, entries: list) -> None:
-        with self.lock:
+        with self.lock.exclusive():
             old = self._slot_banks.pop(slot, [])
             targets = [self.banks[(e.key, e.kind)] for e in entries]
             # A bank the new adapter loads again clears the old one's leftovers itself (only what it
@@ -299,7 +299,7 @@ class MultiTaskModel(nn.Module):
 
     def evict(self, slot: int) -> None:
         """Free a slot in every bank that holds it."""
-        with self.lock:
+        with self.lock.exclusive():
             for bank in self._slot_banks.pop(slot, []):
                 bank.evict(slot)
 
@@ -338,7 +338,7 @@ class MultiTaskModel(nn.Module):
     def hidden(self, input_ids, attention_mask, slot_ids, **kwargs) -> torch.Tensor:
         """Last hidden states of the encoder (or of the decoder for decoder-only models)."""
         with (
-            self.lock,
+            self.lock.shared(),
             self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
         ):
             return self._encode(input_ids, attention_mask, **kwargs)
@@ -357,7 +357,7 @@ class MultiTaskModel(nn.Module):
         if head is None:
             raise ValueError("this backbone has no encoder to put task heads on")
         with (
-            self.lock,
+            self.lock.shared(),
             self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
         ):
             hidden = self._encode(input_ids, attention_mask, **kwargs)
@@ -372,7 +372,7 @@ class MultiTaskModel(nn.Module):
     def logits(self, input_ids, attention_mask, slot_ids, **kwargs) -> torch.Tensor:
         """Language-model logits of a generative backbone (decoder side for seq2seq)."""
         with (
-            self.lock,
+            self.lock.shared(),
             self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
         ):
             return self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
@@ -381,7 +381,7 @@ class MultiTaskModel(nn.Module):
     def generate(self, input_ids, attention_mask, slot_ids, *, max_new_tokens: int = 32) -> torch.Tensor:
         """Greedy generation with each row's adapter; returns only the new tokens."""
         with (
-            self.lock,
+            self.lock.shared(),
             self.router.route(self._slot_tensor(slot_ids, input_ids.shape[0]), attention_mask=attention_mask),
         ):
             out = self.backbone.model.generate(

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["Router"]
+__all__ = ["Router", "SharedLock"]
 
 
-class Router:
+class Router(threading.local):
     """Holds the rows' slot ids for the forward pass in progress.
 
     Every banked module keeps a reference to one Router; the model sets the slots before the
     backbone runs and clears them after. Keeping the ids both on the device and on the host
-    lets banks decide cheaply (no device sync) whether any row uses them.
+    lets banks decide cheaply (no device sync) whether any row uses them. The state is the
+    calling thread's own, so forwards on several threads (parts of one batch on several CPU
+    cores) share one model without seeing each other's rows.
     """
 
     def __init__(self) -> None:
@@ -49,3 +53,61 @@ class Router:
         if self.unique is None:
             return False
         return bool(occupied[self.unique].any())
+
+
+class SharedLock:
+    """Many holders in shared mode (forwards) or one in exclusive mode (slot writes); reentrant.
+
+    The thread holding it exclusively may take it again in either mode; shared holders never wait
+    for each other, so forwards on several threads run at once while a slot write waits for them.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._owner: int | None = None
+        self._depth = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the lock alongside other shared holders."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                mine = True
+            else:
+                while self._owner is not None:
+                    self._cond.wait()
+                self._shared += 1
+                mine = False
+        try:
+            yield
+        finally:
+            with self._cond:
+                if mine:
+                    self._depth -= 1
+                else:
+                    self._shared -= 1
+                    if self._shared == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the lock alone: waits until no other thread holds it in any mode."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+            else:
+                while self._owner is not None or self._shared:
+                    self._cond.wait()
+                self._owner, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._cond.notify_all()

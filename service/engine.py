@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from service.cache import Adapter, DeviceSlots
 from service.metrics import Metrics
 from store.errors import InvalidRequest
 
-__all__ = ["Encoded", "Engine", "Work", "length_splits"]
+__all__ = ["Encoded", "Engine", "Work", "balance", "length_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,41 @@ def length_splits(lengths: Sequence[int], *, forward_cost: int) -> list[list[int
     return runs[::-1]
 
 
+def balance(runs: list[list[int]], lengths: Sequence[int], *, parts: int) -> list[list[int]]:
+    """Cut runs (rows sorted by length) further until the largest costs about a `parts`-th of the work.
+
+    A run costs its rows times its longest row. Several threads each take a piece, so the batch ends
+    when its largest piece does: the largest one is halved (at the row that best evens the halves'
+    costs) until it is within a quarter of an even share, or a single row. Pieces come back largest
+    first, the order for threads to take them in.
+    """
+
+    def cost(run: list[int]) -> int:
+        return len(run) * lengths[run[-1]]
+
+    pieces = [r for r in runs if r]
+    if parts > 1:
+        share = sum(cost(r) for r in pieces) / parts
+        while len(pieces) < 4 * parts:
+            big = max(range(len(pieces)), key=lambda k: cost(pieces[k]))
+            run = pieces[big]
+            if len(run) < 2 or cost(run) <= 1.25 * share:
+                break
+            cut = min(
+                range(1, len(run)),
+                key=lambda k: max(k * lengths[run[k - 1]], (len(run) - k) * lengths[run[-1]]),
+            )
+            pieces[big : big + 1] = [run[:cut], run[cut:]]
+    return sorted(pieces, key=cost, reverse=True)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """One tokenized input."""
@@ -107,6 +143,7 @@ class Engine:
         metrics: Metrics,
         max_input_tokens: int,
         split_cost_tokens: int | None = None,
+        compute_threads: int | None = None,
     ) -> None:
         self.model = model
         self.backbone = model.backbone
@@ -124,6 +161,21 @@ class Engine:
             split_cost_tokens if split_cost_tokens is not None else DEFAULT_SPLIT_COST.get(name, 2048)
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"adapterserve-{name}")
+        # On a CPU the parts of a batch run on several single-threaded teams at once: torch's own
+        # intra-op threads stall whenever one of them loses its core to the event loop or the tokenizer,
+        # where independent teams lose only that core's share. A GPU runs each part as one launch.
+        threads = compute_threads if compute_threads is not None else (_usable_cpus() if name == "cpu" else 1)
+        self.compute_threads = max(1, threads)
+        self._compute = (
+            ThreadPoolExecutor(
+                max_workers=self.compute_threads,
+                thread_name_prefix="adapterserve-compute",
+                initializer=torch.set_num_threads,
+                initargs=(1,),
+            )
+            if self.compute_threads > 1
+            else None
+        )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterserve-tokenize")
 
     # -- threads --------------------------------------------------------------------------------
@@ -144,6 +196,8 @@ class Engine:
         """Stop the threads once their queued work is done."""
         self._tokenize_pool.shutdown(wait=True, cancel_futures=True)
         self._worker.shutdown(wait=True)
+        if self._compute is not None:
+            self._compute.shutdown(wait=True)
 
     # -- tokenization ---------------------------------------------------------------------------
 
@@ -220,12 +274,25 @@ class Engine:
         self.m.batch_tasks.observe(len({w.adapter.task for w in works}))
 
     def _classify(self, works: list[Work], slots: dict) -> list[dict]:
-        runs = length_splits([len(w.encoded.ids) for w in works], forward_cost=self.split_cost)
+        lengths = [len(w.encoded.ids) for w in works]
+        runs = balance(
+            length_splits(lengths, forward_cost=self.split_cost), lengths, parts=self.compute_threads
+        )
         if len(runs) == 1:
             return self._classify_run(works, slots)
+        parts: list[Any]
+        if self._compute is None:
+            parts = [self._classify_run([works[i] for i in run], slots) for run in runs]
+        else:
+            # Every part is waited for before any error is raised: slots stay put until all are done.
+            futures = [
+                self._compute.submit(self._classify_run, [works[i] for i in run], slots) for run in runs
+            ]
+            wait(futures)
+            parts = [f.result() for f in futures]
         out: list[dict | None] = [None] * len(works)
-        for run in runs:
-            for i, result in zip(run, self._classify_run([works[i] for i in run], slots), strict=True):
+        for run, part in zip(runs, parts, strict=True):
+            for i, result in zip(run, part, strict=True):
                 out[i] = result
         return out  # type: ignore[return-value]
 

@@ -90,6 +90,7 @@ class Service:
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
             split_cost_tokens=s.split_cost_tokens,
+            compute_threads=s.compute_threads,
         )
         self.hypernetworks = Hypernetworks(store=self.store, model=self.model, limits=self.limits)
         self.decoder = Decoder(

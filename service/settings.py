@@ -121,6 +121,16 @@ class Settings(BaseSettings):
             "padded tokens than this per extra forward; empty: 128 on CPU, 2048 on GPU."
         ),
     )
+    compute_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description=(
+            "CPU device: threads that run the parts of one batch at once, each on one torch thread "
+            "(one team per core stalls on no neighbour, where torch's own threads wait for a preempted "
+            "one); empty: the CPUs this process may use. A GPU runs a batch as one forward."
+        ),
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0, le=10_000, description="How long the first row of a batch waits for company."
     )
