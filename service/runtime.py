@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from adapters.backbone import Backbone, load_backbone
@@ -26,6 +28,7 @@ from store.errors import (
     InvalidRequest,
     NotReady,
     PayloadTooLarge,
+    QueueFull,
 )
 from store.local import LocalStore
 from store.safetensors_io import SafetensorsLimits
@@ -58,12 +61,19 @@ class Service:
         self._idle.set()
         self._warm_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Task[None] | None = None
+        self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+        """How a refusal waits before it is answered (a seam for tests)."""
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the backbone and open the store (failing fast), then warm up in the background."""
         s = self.settings
+        # Forward threads take the interpreter lock back after every torch call; under a flood of
+        # requests the event loop holds it for whole switch intervals, and at Python's default 5 ms a
+        # forward of a few hundred calls slowed from ~0.1 s to seconds (bench/http.py, 256 connections).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(s.switch_interval_ms / 1000)
         if self._backbone is None:
             self._backbone = await asyncio.to_thread(
                 load_backbone, s.backbone, device=s.device, dtype=s.dtype
@@ -235,6 +245,7 @@ class Service:
         """Release the threads; call after drain."""
         if self.started:
             await asyncio.to_thread(self.engine.close)
+            sys.setswitchinterval(self._switch_interval)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -282,7 +293,14 @@ class Service:
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
             n_new = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
             # Room in the queue first: requests waiting for the tokenizer count against it too.
-            self.batcher.reserve(len(inputs))
+            try:
+                self.batcher.reserve(len(inputs))
+            except QueueFull as exc:
+                # A refusal waits a moment before it is answered: clients that retry at once would
+                # otherwise keep the event loop busy answering them, and the forwards, which share its
+                # interpreter lock, slowed to a fifth (bench/http.py at 256 connections).
+                await self.pause(min(float(exc.details.get("retry_after", 1)), s.refusal_pause_ms / 1000))
+                raise
             try:
                 encoded = await self.engine.tokenize(inputs)
                 rows = [

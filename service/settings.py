@@ -131,10 +131,28 @@ class Settings(BaseSettings):
             "one); empty: the CPUs this process may use. A GPU runs a batch as one forward."
         ),
     )
+    switch_interval_ms: float = Field(
+        default=0.5,
+        gt=0,
+        le=100,
+        description=(
+            "Python's thread switch interval while serving: how long a forward thread may wait for the "
+            "interpreter lock between torch calls while the event loop holds it (Python's default is 5)."
+        ),
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0, le=10_000, description="How long the first row of a batch waits for company."
     )
     max_queue: int = Field(default=1024, ge=1, description="Most queued rows; past it requests answer 429.")
+    refusal_pause_ms: float = Field(
+        default=250.0,
+        ge=0,
+        le=60_000,
+        description=(
+            "A request refused for a full queue is answered 429 after this pause (at most its "
+            "Retry-After), so clients that retry at once cannot flood the event loop."
+        ),
+    )
     max_connections: int | None = Field(
         default=None,
         ge=1,

@@ -502,6 +502,37 @@ async def test_queue_full_is_429_and_a_passed_deadline_is_504(running, artifacts
         assert _sample(text, "adapterserve_requests_total", task="t", status="504") == 1
 
 
+async def test_a_refusal_is_answered_after_the_pause_and_never_later_than_its_retry_after(running, artifacts):
+    """Clients that retry at once must not keep the event loop busy: each 429 waits min(pause, Retry-After)."""
+    async with running(max_queue=2, max_inputs=2, refusal_pause_ms=250) as (app, client):
+        svc = app.state.service
+        d = make_artifact(artifacts, "t", "lora", svc.backbone.spec, seed=1)
+        assert (await upload(client, "t", d)).status_code == 201
+        pauses: list[float] = []
+        paused, release = asyncio.Event(), asyncio.Event()
+
+        async def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            paused.set()
+            await release.wait()
+
+        svc.pause = pause
+        async with WorkerGate(svc) as gate:
+            first = asyncio.create_task(client.post("/v1/tasks/t/predict", json={"inputs": ["fun"]}))
+            await until(lambda: svc.batcher.in_flight == 1)
+            queued = asyncio.create_task(client.post("/v1/tasks/t/predict", json={"inputs": ["a", "b"]}))
+            await until(lambda: svc.batcher.queue_depth == 2)
+            refused = asyncio.create_task(client.post("/v1/tasks/t/predict", json={"inputs": ["fun"]}))
+            await asyncio.wait_for(paused.wait(), 10)
+            assert not refused.done()  # held while it pauses
+            release.set()
+            r = await refused
+            assert r.status_code == 429
+            assert pauses == [min(0.25, int(r.headers["Retry-After"]))]
+            gate.open()
+            assert (await first).status_code == 200 and (await queued).status_code == 200
+
+
 async def test_drain_finishes_admitted_work_and_refuses_new(running, artifacts):
     async with running() as (app, client):
         svc = app.state.service
