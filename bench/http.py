@@ -1,26 +1,29 @@
-"""The HTTP service against the in-process model: requests/s and latency under concurrent clients.
+"""The HTTP service against the same engine in process: throughput, latency and CPU per request.
 
-    python bench/http.py [--tasks 16] [--clients 64] [--duration 20] [--runs mixed,per_task,unbatched,in_process]
+    python bench/http.py [--tasks 16] [--duration 10] [--connections 1,4,16,64,256] [--plot PNG]
 
 A real `adapterserve serve` process on 127.0.0.1 serves the bundled MiniLM-L6 with `--tasks` LoRA
-adapters (r=8 on q,v, random weights, 2-way heads). `--clients` concurrent HTTP clients (one asyncio
-process, one keep-alive connection each) send one SST-2 dev sentence per request, each to the next
-task in turn, for `--duration` seconds after a warm-up. Runs, each on a fresh server:
+adapters (r=8 on q,v, random weights, 2-way heads). The load is closed-loop: `wrk` (Debian's
+package; far cheaper in CPU than Python clients) with a generated Lua script that sends each request
+to a random task with random SST-2 dev sentences; without `wrk`, Python clients (and the output says
+so). Besides requests/s and latency, every run reports the server's CPU-ms per request (from
+`/proc/<pid>/stat` over the measured window), which does not depend on the client sharing the cores.
 
-- `mixed`: the default batcher (rows of many tasks in one forward);
-- `per_task`: one task per forward, round-robin;
-- `unbatched`: `max_batch_size=1`;
-- `in_process`: the same model and adapters in this process, no HTTP: tokenize, route and classify
-  batches of `--batch` inputs of mixed tasks back to back, split by length as the service splits them
-  (the ceiling the service is measured against).
+Runs (each server a fresh process):
 
-One JSON object on stdout:
+- `curve`: 1-input requests to 16 tasks mixed, at each of `--connections`; the queue is bounded at
+  `--curve-queue` rows, so the largest point answers 429 with Retry-After for what does not fit;
+  its 64-connection point is the `mixed` row;
+- `per_task` (one task per forward), `unbatched` (max batch 1), `one_task` (every request to one
+  task), `inputs32` (32-input requests, `--connections-32` connections), at 64 connections;
+- `in_process`: the same engine in this process, no HTTP: batches of `--batch` mixed-task rows
+  tokenized in one call and run back to back through the engine's own batch hook;
+  `in_process_one_team`: the same with one torch team of `--threads` threads per forward;
+- `litserve` (when the `litserve` package is installed): the peer serving the plain backbone, no
+  adapters, batches of up to `--batch` within 5 ms (bench/peer_litserve.py), same load.
 
-    {"config": {...}, "runs": [{"name": ..., "requests_per_s": r, "p50_ms": a, "p99_ms": b, ...}, ...],
-     "ratios": {"mixed_vs_in_process": ..., "mixed_vs_unbatched": ...}}
-
-The clients share the machine with the server, so on a small machine they take part of its CPU;
-the ratios are what to compare.
+One JSON object on stdout: {"config", "runs": [...], "ratios": {...}}; with --plot, a PNG of latency
+against throughput for the curve.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ if __package__ in (None, ""):
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import os
-import statistics
+import signal
 import subprocess
 import tempfile
 import time
@@ -48,16 +53,12 @@ import numpy as np
 import torch
 
 from bench.common import SST2_DEV, emit, environment, log, setup, wait_ready
+from bench.load import Load, run_load, wrk_available
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-key-0123456789"
 HEAD = {"type": "classification", "labels": ["negative", "positive"]}
 LORA = {"method": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"], "head": HEAD}
-SERVER_RUNS = {
-    "mixed": {"batching": "mixed"},
-    "per_task": {"batching": "per_task"},
-    "unbatched": {"batching": "mixed", "max_batch_size": 1},
-}
 
 
 def sentences(limit: int | None = None) -> list[str]:
@@ -66,24 +67,7 @@ def sentences(limit: int | None = None) -> list[str]:
         lines = SST2_DEV.read_text(encoding="utf-8").splitlines()[1:]
         out = [ln.split("\t")[0].strip() for ln in lines if ln.strip()]
     else:
-        words = [
-            "the",
-            "film",
-            "was",
-            "good",
-            "bad",
-            "great",
-            "awful",
-            "boring",
-            "fun",
-            "and",
-            "but",
-            "not",
-            "very",
-            "story",
-            "music",
-            "ending",
-        ]
+        words = ["the", "film", "was", "good", "bad", "great", "awful", "boring", "fun", "and", "but", "not"]
         rng = np.random.default_rng(0)
         out = [" ".join(rng.choice(words, size=int(rng.integers(5, 25)))) for _ in range(872)]
     return out[:limit] if limit else out
@@ -112,10 +96,20 @@ def write_adapters(root: Path, *, tasks: int, spec) -> list[Path]:
 
 
 class Server:
-    """An `adapterserve serve` subprocess with its own store, configured by ADAPTERSERVE_* variables."""
+    """A server subprocess with its own store: `adapterserve serve` by default, configured by ADAPTERSERVE_*."""
 
-    def __init__(self, root: Path, *, port: int, threads: int, **settings: object) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int,
+        threads: int,
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+        **settings: object,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self.cwd = cwd
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERSERVE_")}
         env |= {
             "HF_HUB_OFFLINE": "1",
@@ -124,21 +118,28 @@ class Server:
             "ADAPTERSERVE_ADMIN_KEYS": ADMIN,
             "ADAPTERSERVE_SEED_DIR": "",
             "ADAPTERSERVE_LOG_LEVEL": "warning",
-            "ADAPTERSERVE_MAX_QUEUE": "100000",
         }
         env |= {f"ADAPTERSERVE_{k.upper()}": str(v) for k, v in settings.items()}
-        self.log = open(root / f"server-{port}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log_path = root / f"server-{port}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-            cwd=REPO,
+            command or [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            cwd=self.cwd,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop() ends its worker processes too (LitServe has several)
         )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Poll /readyz until 200."""
-        wait_ready(self.proc, url=self.url, log=lambda: "", timeout=timeout, interval=0.2)
+        wait_ready(
+            self.proc,
+            url=self.url,
+            log=lambda: self.log_path.read_text(errors="replace")[-2000:],
+            timeout=timeout,
+            interval=0.2,
+        )
 
     def upload(self, task: str, directory: Path) -> None:
         """Upload one artifact directory as the task's first version."""
@@ -165,118 +166,333 @@ class Server:
     def stop(self) -> None:
         """SIGTERM and wait."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what the main process left behind
         self.log.close()
 
 
-async def load(url: str, *, tasks: list[str], texts: list[str], clients: int, duration: float, warmup: float):
-    """`clients` concurrent request loops; latencies (s) and status counts of the measured window."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    counter = iter(range(10**12))
-    start = time.monotonic()
-    measure_from = start + warmup
-    stop_at = measure_from + duration
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-
-        async def one_client() -> None:
-            while True:
-                n = next(counter)
-                t0 = time.monotonic()
-                if t0 >= stop_at:
-                    return
-                task = tasks[n % len(tasks)]
-                r = await http.post(f"/v1/tasks/{task}/predict", json={"inputs": [texts[n % len(texts)]]})
-                t1 = time.monotonic()
-                if t0 >= measure_from and t1 <= stop_at:
-                    latencies.append(t1 - t0)
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-    return latencies, statuses
-
-
-def summarize(
-    name: str, latencies: list[float], *, seconds: float, statuses: dict[int, int] | None = None
-) -> dict:
-    """requests/s and latency percentiles of one run."""
-    xs = sorted(latencies)
-    q = statistics.quantiles(xs, n=100, method="inclusive") if len(xs) >= 2 else [xs[0]] * 99
+def row(name: str, result: dict, *, inputs: int, **extra: object) -> dict:
+    """One table row: requests/s counts answered-200 requests; rows/s is that times inputs."""
     out = {
         "name": name,
-        "requests_per_s": round(len(xs) / seconds, 2),
-        "p50_ms": round(statistics.median(xs) * 1000, 2),
-        "p99_ms": round(q[98] * 1000, 2),
-        "requests": len(xs),
+        "requests_per_s": round(result["ok_per_s"], 2),
+        "rows_per_s": round(result["ok_per_s"] * inputs, 2),
+        "p50_ms": round(result["p50_ms"], 2),
+        "p99_ms": round(result["p99_ms"], 2),
+        "cpu_ms_per_request": None
+        if result["cpu_ms_per_request"] is None
+        else round(result["cpu_ms_per_request"], 3),
+        "cpu_cores": round(result["cpu_cores"], 3),
+        "statuses": result["statuses"],
+        "timeouts": result["timeouts"],
+        "socket_errors": result["socket_errors"],
+        "retry_after_missing": result["retry_after_missing"],
+        "client": result["client"],
+        "inputs": inputs,
+        **extra,
     }
-    if statuses is not None:
-        out["statuses"] = {str(k): v for k, v in sorted(statuses.items())}
     return out
 
 
-def in_process(dirs: list[Path], *, texts: list[str], batch: int, duration: float, warmup: float) -> dict:
-    """Tokenize + route + classify + decode batches of mixed tasks back to back, in this process."""
-    from adapters.backbone import load_backbone
-    from adapters.heads import decode_row
-    from adapters.model import BankConfig, MultiTaskModel
-    from service.engine import DEFAULT_SPLIT_COST, length_splits
-    from store.artifact import parse_config
-    from store.safetensors_io import SafetensorsLimits, load_arrays
+# -- the same engine in process ------------------------------------------------------------------
 
-    backbone = load_backbone(device="cpu", dtype="float32")
-    model = MultiTaskModel(backbone, banks=BankConfig(slots=len(dirs) + 1, lora_max_rank=16))
-    for slot, d in enumerate(dirs, start=1):
-        cfg = parse_config((d / "adapter_config.json").read_bytes())
-        arrays = load_arrays(d / "adapter.safetensors", limits=SafetensorsLimits())
-        model.load(slot, cfg, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    tok = backbone.tokenizer
-    latencies: list[float] = []
+
+async def _engine_loop(
+    dirs: list[Path], *, root: Path, texts: list[str], batch: int, duration: float, warmup: float, **settings
+) -> dict:
+    from service.batcher import Row
+    from service.engine import Work
+    from service.runtime import Service
+    from service.settings import Settings
+
+    cfg = Settings(
+        store=root / f"inproc-{os.getpid()}-{time.monotonic_ns()}",
+        admin_keys=[ADMIN],
+        seed_dir=None,
+        slots=len(dirs) + 1,
+        log_level="warning",
+        **settings,
+    )
+    svc = Service(cfg)
+    await svc.start()
+    await svc.ready.wait()
+    adapters = []
+    leases = []
+    for d in dirs:
+        await svc.registry.upload(
+            d.name,
+            config_bytes=(d / "adapter_config.json").read_bytes(),
+            weights_path=d / "adapter.safetensors",
+            activate=True,
+        )
+        lease = svc.registry.lease(d.name)
+        adapters.append(await svc.registry.ready(lease))
+        leases.append(lease)
+
+    def make_rows(n: int) -> list:
+        encoded = svc.engine._tokenize([texts[(n + i) % len(texts)] for i in range(batch)])
+        return [
+            Row(
+                task=adapters[(n + i) % len(adapters)].task,
+                version=1,
+                length=len(e.ids),
+                payload=Work(adapter=adapters[(n + i) % len(adapters)], encoded=e),
+            )
+            for i, e in enumerate(encoded)
+        ]
+
     n = 0
+    done_rows = 0
+    latencies: list[float] = []
     start = time.monotonic()
-    measure_from = start + warmup
-    stop_at = measure_from + duration
-    with torch.inference_mode():
-        while time.monotonic() < stop_at:
-            idx = [(n + i) for i in range(batch)]
-            rows = [texts[i % len(texts)] for i in idx]
-            slots = [1 + (i % len(dirs)) for i in idx]
-            t0 = time.monotonic()
-            enc = tok(rows, truncation=True, max_length=128)
-            # the service's own policy: rows of very different lengths run as separate forwards
-            lengths = [len(ids) for ids in enc["input_ids"]]
-            for run in length_splits(lengths, forward_cost=DEFAULT_SPLIT_COST["cpu"]):
-                part = tok.pad({k: [enc[k][i] for i in run] for k in enc}, return_tensors="pt")
-                extra = {"token_type_ids": part["token_type_ids"]} if "token_type_ids" in part else {}
-                out = model.classify(
-                    part["input_ids"], part["attention_mask"], [slots[i] for i in run], **extra
-                )
-                logits = out.logits.float()
-                for r in range(len(run)):
-                    decode_row(logits[r], kind="classification", labels=HEAD["labels"])
-            t1 = time.monotonic()
-            if t0 >= measure_from:
-                # every input of the batch waited for the whole batch
-                latencies.extend([t1 - t0] * batch)
-            n += batch
-    return summarize("in_process", latencies, seconds=duration)
+    measure_from, stop_at = start + warmup, start + warmup + duration
+    cpu0 = t_measure = None
+    rows, t_ready = make_rows(0), time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= stop_at:
+            break
+        if cpu0 is None and now >= measure_from:
+            cpu0, t_measure = time.process_time(), now
+        running = asyncio.ensure_future(svc.engine.run_batch(rows))
+        # the next batch is tokenized while this one runs, as the service overlaps its stages
+        n += batch
+        next_rows = make_rows(n)
+        results = await running
+        t1 = time.monotonic()
+        if any(isinstance(r, BaseException) for r in results):
+            raise next(r for r in results if isinstance(r, BaseException))
+        if cpu0 is not None:
+            latencies.extend([t1 - t_ready] * batch)  # every row waited for its whole batch
+            done_rows += batch
+        rows, t_ready = next_rows, t1
+    cpu = time.process_time() - cpu0
+    seconds = time.monotonic() - t_measure
+    for lease in leases:
+        svc.registry.release(lease)
+    await svc.drain(5)
+    await svc.close()
+    xs = sorted(latencies)
+    return {
+        "ok_per_s": done_rows / seconds,
+        "p50_ms": 1000 * xs[len(xs) // 2],
+        "p99_ms": 1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+        "cpu_ms_per_request": 1000 * cpu / done_rows,
+        "cpu_cores": cpu / seconds,
+        "statuses": {},
+        "timeouts": 0,
+        "socket_errors": 0,
+        "retry_after_missing": 0,
+        "client": "none",
+    }
+
+
+def in_process(name: str, dirs: list[Path], *, root: Path, texts: list[str], args, **settings) -> dict:
+    """Batches of `args.batch` mixed-task rows through the engine's batch hook, back to back."""
+    log(f"{name} ...")
+    result = asyncio.run(
+        _engine_loop(
+            dirs,
+            root=root,
+            texts=texts,
+            batch=args.batch,
+            duration=args.duration,
+            warmup=args.warmup,
+            **settings,
+        )
+    )
+    return row(name, result, inputs=1, cpu_ms_per_row=round(result["cpu_ms_per_request"], 3))
+
+
+# -- the peer --------------------------------------------------------------------------------------
+
+
+def litserve_run(root: Path, *, port: int, texts: list[str], args, use_wrk: bool) -> dict | None:
+    """LitServe serving the plain backbone with batching, driven by the same load (None without it)."""
+    if importlib.util.find_spec("litserve") is None:
+        log("litserve: not installed (pip install litserve); skipped")
+        return None
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "peer_litserve.py"),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
+    server = Server(root, port=port, threads=args.threads, command=command)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"litserve exited: {server.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("litserve did not become healthy")
+            time.sleep(0.5)
+        load = Load(paths=["/predict"], bodies=Load.predict(tasks=["x"], texts=texts, inputs=1).bodies)
+        result = run_load(
+            server.url,
+            load,
+            connections=64,
+            duration=args.duration,
+            warmup=args.warmup,
+            server_pid=server.proc.pid,
+            workdir=root,
+            use_wrk=use_wrk,
+        )
+    finally:
+        server.stop()
+    return row("litserve", result, inputs=1, connections=64, note="plain backbone, no adapters")
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+
+def serve_and_load(
+    name: str,
+    root: Path,
+    dirs: list[Path],
+    *,
+    port: int,
+    args,
+    loads: list[tuple[int, Load, int]],
+    use_wrk: bool,
+    **settings: object,
+) -> list[dict]:
+    """Start a server with `settings`, upload the tasks, then run each (connections, load, inputs)."""
+    settings = {"max_batch_size": args.batch, "slots": len(dirs) + 1, **settings}
+    log(f"{name}: server with {settings} ...")
+    server = Server(root, port=port, threads=args.threads, cwd=args.server_root, **settings)
+    rows = []
+    try:
+        server.wait_ready()
+        for d in dirs:
+            server.upload(d.name, d)
+        for connections, load, inputs in loads:
+            result = run_load(
+                server.url,
+                load,
+                connections=connections,
+                duration=args.duration,
+                warmup=args.warmup,
+                server_pid=server.proc.pid,
+                workdir=root,
+                use_wrk=use_wrk,
+            )
+            rows.append(row(name, result, inputs=inputs, connections=connections))
+            log(f"  {rows[-1]}")
+    finally:
+        server.stop()
+    return rows
+
+
+def plot(path: Path, curve: list[dict], *, ceiling: float, peer: dict | None) -> None:
+    """Latency (p50, p99) against requests/s along the curve, with the in-process ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    xs = [r["requests_per_s"] for r in curve]
+    ax.plot(xs, [r["p50_ms"] for r in curve], "o-", label="p50")
+    ax.plot(xs, [r["p99_ms"] for r in curve], "s--", label="p99")
+    for r in curve:
+        ax.annotate(
+            f"{r['connections']}",
+            (r["requests_per_s"], r["p99_ms"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
+    ax.axvline(ceiling, color="grey", linestyle=":", label=f"in process ({ceiling:.0f} rows/s)")
+    if peer is not None:
+        ax.plot(
+            [peer["requests_per_s"]],
+            [peer["p50_ms"]],
+            "^",
+            color="tab:red",
+            label="LitServe p50 (plain backbone)",
+        )
+    ax.set_xlabel("requests/s answered 200 (1 input each)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    ax.set_title("adapterserve, 16 LoRA tasks mixed, MiniLM-L6; labels: connections")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def ratios(runs: list[dict]) -> dict:
+    """The issue's targets as ratios from this one run."""
+    by = {r["name"] if r["name"] != "curve" else f"curve@{r['connections']}": r for r in runs}
+    ceiling = max(
+        (by[n] for n in ("in_process", "in_process_one_team") if n in by),
+        key=lambda r: r["rows_per_s"],
+        default=None,
+    )
+    mixed = by.get("curve@64")
+    out: dict[str, float] = {}
+
+    def put(key: str, a: float | None, b: float | None) -> None:
+        if a is not None and b:
+            out[key] = round(a / b, 3)
+
+    if ceiling and mixed:
+        put("mixed_vs_in_process", mixed["rows_per_s"], ceiling["rows_per_s"])
+        put(
+            "cpu_per_request_vs_in_process_per_row",
+            mixed["cpu_ms_per_request"],
+            ceiling["cpu_ms_per_request"],
+        )
+    if mixed:
+        for other in ("unbatched", "per_task", "one_task", "litserve"):
+            if other in by:
+                put(f"mixed_vs_{other}", mixed["rows_per_s"], by[other]["rows_per_s"])
+        put("p99_over_p50_at_64", mixed["p99_ms"], mixed["p50_ms"])
+    if ceiling and "inputs32" in by:
+        put("inputs32_vs_in_process", by["inputs32"]["rows_per_s"], ceiling["rows_per_s"])
+    return out
 
 
 def main() -> None:
     """Run every requested variant and print one JSON object."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=16)
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each point")
     p.add_argument("--batch", type=int, default=32, help="max batch size (server) and in-process batch")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the server and in-process model")
-    p.add_argument("--runs", default=",".join([*SERVER_RUNS, "in_process"]))
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process (OMP_NUM_THREADS)")
+    p.add_argument("--connections", default="1,4,16,64,256", help="the curve's points")
+    p.add_argument(
+        "--curve-queue", type=int, default=128, help="ADAPTERSERVE_MAX_QUEUE of the curve's server"
+    )
+    p.add_argument("--connections-32", type=int, default=8, help="connections of the 32-input run")
+    p.add_argument(
+        "--runs",
+        default="curve,per_task,unbatched,one_task,inputs32,in_process,in_process_one_team,litserve",
+    )
+    p.add_argument("--python-client", action="store_true", help="use Python clients even when wrk is present")
+    p.add_argument("--plot", type=Path, help="write the latency-throughput curve to this PNG")
+    p.add_argument(
+        "--server-root",
+        type=Path,
+        default=REPO,
+        help="source tree the servers run from (`python -m service.cli` there): another checkout for before/after",
+    )
     p.add_argument("--port", type=int, default=18431)
     args = p.parse_args()
     setup(threads=args.threads)
@@ -284,61 +500,102 @@ def main() -> None:
 
     spec = load_backbone(device="cpu", dtype="float32").spec
     texts = sentences()
+    use_wrk = wrk_available() and not args.python_client
+    log(f"load generator: {'wrk' if use_wrk else 'python clients (wrk not found)'}")
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    runs = []
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="adapterserve-bench-") as tmp:
         root = Path(tmp)
         dirs = write_adapters(root / "artifacts", tasks=args.tasks, spec=spec)
         tasks = [d.name for d in dirs]
+        one = Load.predict(tasks=tasks, texts=texts, inputs=1)
+        serve = {
+            "curve": lambda port: serve_and_load(
+                "curve",
+                root,
+                dirs,
+                port=port,
+                args=args,
+                use_wrk=use_wrk,
+                max_queue=args.curve_queue,
+                max_inputs=min(256, args.curve_queue),
+                loads=[(int(c), one, 1) for c in args.connections.split(",")],
+            ),
+            "per_task": lambda port: serve_and_load(
+                "per_task",
+                root,
+                dirs,
+                port=port,
+                args=args,
+                use_wrk=use_wrk,
+                batching="per_task",
+                loads=[(64, one, 1)],
+            ),
+            "unbatched": lambda port: serve_and_load(
+                "unbatched",
+                root,
+                dirs,
+                port=port,
+                args=args,
+                use_wrk=use_wrk,
+                max_batch_size=1,
+                loads=[(64, one, 1)],
+            ),
+            "one_task": lambda port: serve_and_load(
+                "one_task",
+                root,
+                dirs,
+                port=port,
+                args=args,
+                use_wrk=use_wrk,
+                loads=[(64, Load.predict(tasks=tasks[:1], texts=texts, inputs=1), 1)],
+            ),
+            "inputs32": lambda port: serve_and_load(
+                "inputs32",
+                root,
+                dirs,
+                port=port,
+                args=args,
+                use_wrk=use_wrk,
+                loads=[(args.connections_32, Load.predict(tasks=tasks, texts=texts, inputs=32), 32)],
+            ),
+        }
         for i, name in enumerate(names):
-            if name == "in_process":
-                log("in_process ...")
-                runs.append(
-                    in_process(
-                        dirs, texts=texts, batch=args.batch, duration=args.duration, warmup=args.warmup
-                    )
-                )
-                continue
-            settings = {"max_batch_size": args.batch, **SERVER_RUNS[name]}
-            log(f"{name}: starting a server with {settings} ...")
-            server = Server(root, port=args.port + i, threads=args.threads, **settings)
-            try:
-                server.wait_ready()
-                for t, d in zip(tasks, dirs, strict=True):
-                    server.upload(t, d)
-                lat, statuses = asyncio.run(
-                    load(
-                        server.url,
-                        tasks=tasks,
-                        texts=texts,
-                        clients=args.clients,
-                        duration=args.duration,
-                        warmup=args.warmup,
-                    )
-                )
-            finally:
-                server.stop()
-            runs.append(summarize(name, lat, seconds=args.duration, statuses=statuses))
-            log(f"  {runs[-1]}")
-    by = {r["name"]: r["requests_per_s"] for r in runs}
-    ratios = {}
-    if "mixed" in by and "in_process" in by:
-        ratios["mixed_vs_in_process"] = round(by["mixed"] / by["in_process"], 3)
-    if "mixed" in by and "unbatched" in by:
-        ratios["mixed_vs_unbatched"] = round(by["mixed"] / by["unbatched"], 3)
-    if "mixed" in by and "per_task" in by:
-        ratios["mixed_vs_per_task"] = round(by["mixed"] / by["per_task"], 3)
-    config = {
-        "backbone": "minilm-l6",
-        "tasks": args.tasks,
-        "clients": args.clients,
-        "duration_s": args.duration,
-        "batch": args.batch,
-        "adapter": "lora r=8 q,v",
-        "inputs": "sst2 dev" if SST2_DEV.is_file() else "synthetic",
-        **environment(),
+            port = args.port + i
+            if name in serve:
+                runs.extend(serve[name](port))
+            elif name == "in_process":
+                runs.append(in_process(name, dirs, root=root, texts=texts, args=args))
+            elif name == "in_process_one_team":
+                torch.set_num_threads(args.threads)
+                runs.append(in_process(name, dirs, root=root, texts=texts, args=args, compute_threads=1))
+            elif name == "litserve":
+                peer = litserve_run(root, port=port, texts=texts, args=args, use_wrk=use_wrk)
+                if peer is not None:
+                    runs.append(peer)
+            else:
+                raise SystemExit(f"unknown run {name!r}")
+    result = {
+        "config": {
+            "backbone": "minilm-l6",
+            "tasks": args.tasks,
+            "duration_s": args.duration,
+            "batch": args.batch,
+            "adapter": "lora r=8 q,v",
+            "inputs": "sst2 dev" if SST2_DEV.is_file() else "synthetic",
+            "load_generator": "wrk" if use_wrk else "python",
+            **environment(),
+        },
+        "runs": runs,
+        "ratios": ratios(runs),
     }
-    emit({"config": config, "runs": runs, "ratios": ratios})
+    emit(result)
+    curve = [r for r in runs if r["name"] == "curve"]
+    if args.plot and curve:
+        ceilings = [r["rows_per_s"] for r in runs if r["name"].startswith("in_process")]
+        peer = next((r for r in runs if r["name"] == "litserve"), None)
+        plot(args.plot, curve, ceiling=max(ceilings) if ceilings else 0.0, peer=peer)
+        log(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
