@@ -20,7 +20,9 @@ Runs (each server a fresh process):
   tokenized in one call and run back to back through the engine's own batch hook;
   `in_process_one_team`: the same with one torch team of `--threads` threads per forward;
 - `litserve` (when the `litserve` package is installed): the peer serving the plain backbone, no
-  adapters, batches of up to `--batch` within 5 ms (bench/peer_litserve.py), same load.
+  adapters, batches of up to `--batch` within 5 ms (bench/peer_litserve.py), same load;
+- `paired`: the headline ratio measured `--pairs` times alternating, 64 connections over HTTP then
+  the engine in process, each pair's ratio and the median (steadier on a shared machine).
 
 One JSON object on stdout: {"config", "runs": [...], "ratios": {...}}; with --plot, a PNG of latency
 against throughput for the curve.
@@ -44,6 +46,7 @@ import contextlib
 import importlib.util
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -203,40 +206,52 @@ def row(name: str, result: dict, *, inputs: int, **extra: object) -> dict:
 # -- the same engine in process ------------------------------------------------------------------
 
 
-async def _engine_loop(
-    dirs: list[Path], *, root: Path, texts: list[str], batch: int, duration: float, warmup: float, **settings
-) -> dict:
-    from service.batcher import Row
-    from service.engine import Work
-    from service.runtime import Service
-    from service.settings import Settings
+class InProcess:
+    """The service's own engine in this process, no HTTP: `await measure(...)` runs batches back to back."""
 
-    cfg = Settings(
-        store=root / f"inproc-{os.getpid()}-{time.monotonic_ns()}",
-        admin_keys=[ADMIN],
-        seed_dir=None,
-        slots=len(dirs) + 1,
-        log_level="warning",
-        **settings,
-    )
-    svc = Service(cfg)
-    await svc.start()
-    await svc.ready.wait()
-    adapters = []
-    leases = []
-    for d in dirs:
-        await svc.registry.upload(
-            d.name,
-            config_bytes=(d / "adapter_config.json").read_bytes(),
-            weights_path=d / "adapter.safetensors",
-            activate=True,
+    def __init__(self, dirs: list[Path], *, root: Path, texts: list[str], batch: int, **settings) -> None:
+        self.dirs, self.root, self.texts, self.batch, self.settings = dirs, root, texts, batch, settings
+
+    async def __aenter__(self) -> InProcess:
+        from service.runtime import Service
+        from service.settings import Settings
+
+        cfg = Settings(
+            store=self.root / f"inproc-{os.getpid()}-{time.monotonic_ns()}",
+            admin_keys=[ADMIN],
+            seed_dir=None,
+            slots=len(self.dirs) + 1,
+            log_level="warning",
+            **self.settings,
         )
-        lease = svc.registry.lease(d.name)
-        adapters.append(await svc.registry.ready(lease))
-        leases.append(lease)
+        self.svc = Service(cfg)
+        await self.svc.start()
+        await self.svc.ready.wait()
+        self.adapters, self.leases = [], []
+        for d in self.dirs:
+            await self.svc.registry.upload(
+                d.name,
+                config_bytes=(d / "adapter_config.json").read_bytes(),
+                weights_path=d / "adapter.safetensors",
+                activate=True,
+            )
+            lease = self.svc.registry.lease(d.name)
+            self.adapters.append(await self.svc.registry.ready(lease))
+            self.leases.append(lease)
+        return self
 
-    def make_rows(n: int) -> list:
-        encoded = svc.engine._tokenize([texts[(n + i) % len(texts)] for i in range(batch)])
+    async def __aexit__(self, *exc) -> None:
+        for lease in self.leases:
+            self.svc.registry.release(lease)
+        await self.svc.drain(5)
+        await self.svc.close()
+
+    def _rows(self, n: int) -> list:
+        from service.batcher import Row
+        from service.engine import Work
+
+        texts, adapters, batch = self.texts, self.adapters, self.batch
+        encoded = self.svc.engine._tokenize([texts[(n + i) % len(texts)] for i in range(batch)])
         return [
             Row(
                 task=adapters[(n + i) % len(adapters)].task,
@@ -247,66 +262,59 @@ async def _engine_loop(
             for i, e in enumerate(encoded)
         ]
 
-    n = 0
-    done_rows = 0
-    latencies: list[float] = []
-    start = time.monotonic()
-    measure_from, stop_at = start + warmup, start + warmup + duration
-    cpu0 = t_measure = None
-    rows, t_ready = make_rows(0), time.monotonic()
-    while True:
-        now = time.monotonic()
-        if now >= stop_at:
-            break
-        if cpu0 is None and now >= measure_from:
-            cpu0, t_measure = time.process_time(), now
-        running = asyncio.ensure_future(svc.engine.run_batch(rows))
-        # the next batch is tokenized while this one runs, as the service overlaps its stages
-        n += batch
-        next_rows = make_rows(n)
-        results = await running
-        t1 = time.monotonic()
-        if any(isinstance(r, BaseException) for r in results):
-            raise next(r for r in results if isinstance(r, BaseException))
-        if cpu0 is not None:
-            latencies.extend([t1 - t_ready] * batch)  # every row waited for its whole batch
-            done_rows += batch
-        rows, t_ready = next_rows, t1
-    cpu = time.process_time() - cpu0
-    seconds = time.monotonic() - t_measure
-    for lease in leases:
-        svc.registry.release(lease)
-    await svc.drain(5)
-    await svc.close()
-    xs = sorted(latencies)
-    return {
-        "ok_per_s": done_rows / seconds,
-        "p50_ms": 1000 * xs[len(xs) // 2],
-        "p99_ms": 1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
-        "cpu_ms_per_request": 1000 * cpu / done_rows,
-        "cpu_cores": cpu / seconds,
-        "statuses": {},
-        "timeouts": 0,
-        "socket_errors": 0,
-        "retry_after_missing": 0,
-        "client": "none",
-    }
+    async def measure(self, *, duration: float, warmup: float) -> dict:
+        """Rows/s, latency and CPU per row of back-to-back batches of mixed-task rows."""
+        batch, engine = self.batch, self.svc.engine
+        n = done_rows = 0
+        latencies: list[float] = []
+        start = time.monotonic()
+        measure_from, stop_at = start + warmup, start + warmup + duration
+        cpu0 = t_measure = None
+        rows, t_ready = self._rows(0), time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= stop_at:
+                break
+            if cpu0 is None and now >= measure_from:
+                cpu0, t_measure = time.process_time(), now
+            running = asyncio.ensure_future(engine.run_batch(rows))
+            # the next batch is tokenized while this one runs, as the service overlaps its stages
+            n += batch
+            next_rows = self._rows(n)
+            results = await running
+            t1 = time.monotonic()
+            if any(isinstance(r, BaseException) for r in results):
+                raise next(r for r in results if isinstance(r, BaseException))
+            if cpu0 is not None:
+                latencies.extend([t1 - t_ready] * batch)  # every row waited for its whole batch
+                done_rows += batch
+            rows, t_ready = next_rows, t1
+        cpu = time.process_time() - cpu0
+        seconds = time.monotonic() - t_measure
+        xs = sorted(latencies)
+        return {
+            "ok_per_s": done_rows / seconds,
+            "p50_ms": 1000 * xs[len(xs) // 2],
+            "p99_ms": 1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+            "cpu_ms_per_request": 1000 * cpu / done_rows,
+            "cpu_cores": cpu / seconds,
+            "statuses": {},
+            "timeouts": 0,
+            "socket_errors": 0,
+            "retry_after_missing": 0,
+            "client": "none",
+        }
+
+
+async def _in_process(dirs, *, root, texts, args, **settings) -> dict:
+    async with InProcess(dirs, root=root, texts=texts, batch=args.batch, **settings) as engine:
+        return await engine.measure(duration=args.duration, warmup=args.warmup)
 
 
 def in_process(name: str, dirs: list[Path], *, root: Path, texts: list[str], args, **settings) -> dict:
     """Batches of `args.batch` mixed-task rows through the engine's batch hook, back to back."""
     log(f"{name} ...")
-    result = asyncio.run(
-        _engine_loop(
-            dirs,
-            root=root,
-            texts=texts,
-            batch=args.batch,
-            duration=args.duration,
-            warmup=args.warmup,
-            **settings,
-        )
-    )
+    result = asyncio.run(_in_process(dirs, root=root, texts=texts, args=args, **settings))
     return row(name, result, inputs=1, cpu_ms_per_row=round(result["cpu_ms_per_request"], 3))
 
 
@@ -399,6 +407,59 @@ def serve_and_load(
     return rows
 
 
+def paired(root: Path, dirs: list[Path], *, port: int, texts: list[str], args, use_wrk: bool) -> list[dict]:
+    """The headline ratio, alternating: HTTP at 64 connections, then the engine in process, `--pairs` times.
+
+    Both share the machine's drift (frequency, neighbours) pair by pair, so the ratio of each pair is
+    steadier than that of two runs minutes apart; the median of the pairs is the figure to quote.
+    """
+    load = Load.predict(tasks=[d.name for d in dirs], texts=texts, inputs=1)
+    settings = {"max_batch_size": args.batch, "slots": len(dirs) + 1}
+    log(f"paired: server with {settings} and the engine in process, {args.pairs} pairs ...")
+    server = Server(root, port=port, threads=args.threads, cwd=args.server_root, **settings)
+
+    async def alternate() -> list[dict]:
+        out = []
+        async with InProcess(dirs, root=root, texts=texts, batch=args.batch) as engine:
+            for k in range(args.pairs):
+                http = await asyncio.to_thread(
+                    run_load,
+                    server.url,
+                    load,
+                    connections=64,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                    server_pid=server.proc.pid,
+                    workdir=root,
+                    use_wrk=use_wrk,
+                )
+                local = await engine.measure(duration=args.duration, warmup=args.warmup)
+                out.append(
+                    {
+                        "name": "pair",
+                        "pair": k,
+                        "http_requests_per_s": round(http["ok_per_s"], 2),
+                        "in_process_rows_per_s": round(local["ok_per_s"], 2),
+                        "ratio": round(http["ok_per_s"] / local["ok_per_s"], 3),
+                        "http_cpu_ms_per_request": round(http["cpu_ms_per_request"], 3),
+                        "in_process_cpu_ms_per_row": round(local["cpu_ms_per_request"], 3),
+                        "cpu_ratio": round(http["cpu_ms_per_request"] / local["cpu_ms_per_request"], 3),
+                        "http_p50_ms": round(http["p50_ms"], 2),
+                        "http_p99_ms": round(http["p99_ms"], 2),
+                    }
+                )
+                log(f"  {out[-1]}")
+        return out
+
+    try:
+        server.wait_ready()
+        for d in dirs:
+            server.upload(d.name, d)
+        return asyncio.run(alternate())
+    finally:
+        server.stop()
+
+
 def plot(path: Path, curve: list[dict], *, ceiling: float, peer: dict | None) -> None:
     """Latency (p50, p99) against requests/s along the curve, with the in-process ceiling."""
     import matplotlib
@@ -437,7 +498,7 @@ def plot(path: Path, curve: list[dict], *, ceiling: float, peer: dict | None) ->
 
 
 def ratios(runs: list[dict]) -> dict:
-    """The issue's targets as ratios from this one run."""
+    """The serving targets as ratios from this one run."""
     by = {r["name"] if r["name"] != "curve" else f"curve@{r['connections']}": r for r in runs}
     ceiling = max(
         (by[n] for n in ("in_process", "in_process_one_team") if n in by),
@@ -463,6 +524,10 @@ def ratios(runs: list[dict]) -> dict:
             if other in by:
                 put(f"mixed_vs_{other}", mixed["rows_per_s"], by[other]["rows_per_s"])
         put("p99_over_p50_at_64", mixed["p99_ms"], mixed["p50_ms"])
+    pairs = [r for r in runs if r["name"] == "pair"]
+    if pairs:
+        out["paired_mixed_vs_in_process_median"] = statistics.median(r["ratio"] for r in pairs)
+        out["paired_cpu_ratio_median"] = statistics.median(r["cpu_ratio"] for r in pairs)
     if ceiling and "inputs32" in by:
         put("inputs32_vs_in_process", by["inputs32"]["rows_per_s"], ceiling["rows_per_s"])
     return out
@@ -483,8 +548,9 @@ def main() -> None:
     p.add_argument("--connections-32", type=int, default=8, help="connections of the 32-input run")
     p.add_argument(
         "--runs",
-        default="curve,per_task,unbatched,one_task,inputs32,in_process,in_process_one_team,litserve",
+        default="curve,per_task,unbatched,one_task,inputs32,in_process,in_process_one_team,litserve,paired",
     )
+    p.add_argument("--pairs", type=int, default=3, help="alternations of the paired run")
     p.add_argument("--python-client", action="store_true", help="use Python clients even when wrk is present")
     p.add_argument("--plot", type=Path, help="write the latency-throughput curve to this PNG")
     p.add_argument(
@@ -569,6 +635,8 @@ def main() -> None:
             elif name == "in_process_one_team":
                 torch.set_num_threads(args.threads)
                 runs.append(in_process(name, dirs, root=root, texts=texts, args=args, compute_threads=1))
+            elif name == "paired":
+                runs.extend(paired(root, dirs, port=port, texts=texts, args=args, use_wrk=use_wrk))
             elif name == "litserve":
                 peer = litserve_run(root, port=port, texts=texts, args=args, use_wrk=use_wrk)
                 if peer is not None:
