@@ -195,15 +195,21 @@ def summarize(samples: list[float]) -> dict:
 
 
 def wait_ready(
-    proc: subprocess.Popen, *, url: str, log: Callable[[], str], timeout: float, interval: float
+    proc: subprocess.Popen,
+    *,
+    url: str,
+    log: Callable[[], str],
+    timeout: float,
+    interval: float,
+    path: str = "/readyz",
 ) -> None:
-    """Poll `url`/readyz every `interval` s until 200; raise with the server's `log()` if it exits or times out."""
+    """Poll `url``path` every `interval` s until 200; raise with the server's `log()` if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass

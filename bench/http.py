@@ -134,14 +134,28 @@ class Server:
             start_new_session=True,  # stop() ends its worker processes too (LitServe has several)
         )
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """Poll /readyz until 200."""
+    def wait_ready(self, timeout: float = 180.0, *, path: str = "/readyz") -> None:
+        """Poll `path` until 200."""
         wait_ready(
             self.proc,
             url=self.url,
             log=lambda: self.log_path.read_text(errors="replace")[-2000:],
             timeout=timeout,
             interval=0.2,
+            path=path,
+        )
+
+    def measure(self, load: Load, *, connections: int, args, use_wrk: bool) -> dict:
+        """One warmed-up, measured run of `load` against this server (bench.load.run_load)."""
+        return run_load(
+            self.url,
+            load,
+            connections=connections,
+            duration=args.duration,
+            warmup=args.warmup,
+            server_pid=self.proc.pid,
+            workdir=self.log_path.parent,
+            use_wrk=use_wrk,
         )
 
     def upload(self, task: str, directory: Path) -> None:
@@ -338,29 +352,9 @@ def litserve_run(root: Path, *, port: int, texts: list[str], args, use_wrk: bool
     ]
     server = Server(root, port=port, threads=args.threads, command=command)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"litserve exited: {server.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("litserve did not become healthy")
-            time.sleep(0.5)
+        server.wait_ready(path="/health")
         load = Load(paths=["/predict"], bodies=Load.predict(tasks=["x"], texts=texts, inputs=1).bodies)
-        result = run_load(
-            server.url,
-            load,
-            connections=64,
-            duration=args.duration,
-            warmup=args.warmup,
-            server_pid=server.proc.pid,
-            workdir=root,
-            use_wrk=use_wrk,
-        )
+        result = server.measure(load, connections=64, args=args, use_wrk=use_wrk)
     finally:
         server.stop()
     return row("litserve", result, inputs=1, connections=64, note="plain backbone, no adapters")
@@ -390,16 +384,7 @@ def serve_and_load(
         for d in dirs:
             server.upload(d.name, d)
         for connections, load, inputs in loads:
-            result = run_load(
-                server.url,
-                load,
-                connections=connections,
-                duration=args.duration,
-                warmup=args.warmup,
-                server_pid=server.proc.pid,
-                workdir=root,
-                use_wrk=use_wrk,
-            )
+            result = server.measure(load, connections=connections, args=args, use_wrk=use_wrk)
             rows.append(row(name, result, inputs=inputs, connections=connections))
             log(f"  {rows[-1]}")
     finally:
@@ -423,15 +408,7 @@ def paired(root: Path, dirs: list[Path], *, port: int, texts: list[str], args, u
         async with InProcess(dirs, root=root, texts=texts, batch=args.batch) as engine:
             for k in range(args.pairs):
                 http = await asyncio.to_thread(
-                    run_load,
-                    server.url,
-                    load,
-                    connections=64,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    server_pid=server.proc.pid,
-                    workdir=root,
-                    use_wrk=use_wrk,
+                    server.measure, load, connections=64, args=args, use_wrk=use_wrk
                 )
                 local = await engine.measure(duration=args.duration, warmup=args.warmup)
                 out.append(
