@@ -40,9 +40,12 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 pip=("$venv/bin/pip" install -q)
 
 # torch first, from the index that has the build wanted (CPU here and in CI), so that nothing
-# installed below pulls another build in as a dependency
+# installed below pulls another build in as a dependency. That index is an extra one: torch's own
+# dependencies come from the configured index, and where the PyTorch index cannot be reached (a
+# build machine with a local wheel directory) the local build is taken. Its local version label
+# (2.13.0+cpu, +cu128) sorts above PyPI's plain 2.13.0, so the wanted build wins wherever it is.
 if [[ -n ${TORCH_INDEX_URL:-} ]]; then
-  "${pip[@]}" --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+  "${pip[@]}" --extra-index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 else
   "${pip[@]}" "torch==$TORCH_VERSION"
 fi
