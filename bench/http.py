@@ -552,61 +552,26 @@ def main() -> None:
         dirs = write_adapters(root / "artifacts", tasks=args.tasks, spec=spec)
         tasks = [d.name for d in dirs]
         one = Load.predict(tasks=tasks, texts=texts, inputs=1)
-        serve = {
-            "curve": lambda port: serve_and_load(
-                "curve",
-                root,
-                dirs,
-                port=port,
-                args=args,
-                use_wrk=use_wrk,
-                max_queue=args.curve_queue,
-                max_inputs=min(256, args.curve_queue),
-                loads=[(int(c), one, 1) for c in args.connections.split(",")],
+        # each server run: its settings, and the (connections, load, inputs a request) it is measured at
+        server_runs = {
+            "curve": (
+                {"max_queue": args.curve_queue, "max_inputs": min(256, args.curve_queue)},
+                [(int(c), one, 1) for c in args.connections.split(",")],
             ),
-            "per_task": lambda port: serve_and_load(
-                "per_task",
-                root,
-                dirs,
-                port=port,
-                args=args,
-                use_wrk=use_wrk,
-                batching="per_task",
-                loads=[(64, one, 1)],
-            ),
-            "unbatched": lambda port: serve_and_load(
-                "unbatched",
-                root,
-                dirs,
-                port=port,
-                args=args,
-                use_wrk=use_wrk,
-                max_batch_size=1,
-                loads=[(64, one, 1)],
-            ),
-            "one_task": lambda port: serve_and_load(
-                "one_task",
-                root,
-                dirs,
-                port=port,
-                args=args,
-                use_wrk=use_wrk,
-                loads=[(64, Load.predict(tasks=tasks[:1], texts=texts, inputs=1), 1)],
-            ),
-            "inputs32": lambda port: serve_and_load(
-                "inputs32",
-                root,
-                dirs,
-                port=port,
-                args=args,
-                use_wrk=use_wrk,
-                loads=[(args.connections_32, Load.predict(tasks=tasks, texts=texts, inputs=32), 32)],
-            ),
+            "per_task": ({"batching": "per_task"}, [(64, one, 1)]),
+            "unbatched": ({"max_batch_size": 1}, [(64, one, 1)]),
+            "one_task": ({}, [(64, Load.predict(tasks=tasks[:1], texts=texts, inputs=1), 1)]),
+            "inputs32": ({}, [(args.connections_32, Load.predict(tasks=tasks, texts=texts, inputs=32), 32)]),
         }
         for i, name in enumerate(names):
             port = args.port + i
-            if name in serve:
-                runs.extend(serve[name](port))
+            if name in server_runs:
+                settings, loads = server_runs[name]
+                runs.extend(
+                    serve_and_load(
+                        name, root, dirs, port=port, args=args, use_wrk=use_wrk, loads=loads, **settings
+                    )
+                )
             elif name == "in_process":
                 runs.append(in_process(name, dirs, root=root, texts=texts, args=args))
             elif name == "in_process_one_team":

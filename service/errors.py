@@ -71,8 +71,8 @@ def error_body(kind: str, message: str) -> dict:
 
 def _headers(exc: e.AdapterServeError, status: int) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if status == 429:
-        headers["Retry-After"] = str(int(exc.details.get("retry_after", 1)))
+    if isinstance(exc, e.QueueFull):
+        headers["Retry-After"] = str(exc.retry_after)
     elif status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     elif status == 503 and isinstance(exc, e.NotReady | e.Draining):

@@ -299,7 +299,7 @@ class Service:
                 # A refusal waits a moment before it is answered: clients that retry at once would
                 # otherwise keep the event loop busy answering them, and the forwards, which share its
                 # interpreter lock, slowed to a fifth (bench/http.py at 256 connections).
-                await self.pause(min(float(exc.details.get("retry_after", 1)), s.refusal_pause_ms / 1000))
+                await self.pause(min(exc.retry_after, s.refusal_pause_ms / 1000))
                 raise
             try:
                 encoded = await self.engine.tokenize(inputs)

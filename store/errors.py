@@ -92,6 +92,11 @@ class SlotsExhausted(AdapterServeError):
 class QueueFull(AdapterServeError):
     """The request queue is full; retry after a while (429)."""
 
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds the client should wait before retrying (at least 1)."""
+        return max(int(self.details.get("retry_after", 1)), 1)
+
 
 class DeadlineExceeded(AdapterServeError):
     """The request's deadline passed while it was queued; it never ran (504)."""
