@@ -89,7 +89,7 @@ class Decoder:
         if head is None and not self.generative:
             raise InvalidArtifact(
                 "adapter_config.json: head: an encoder backbone needs a task head (classification, "
-                "multi_label or regression)"
+                "multi_label, regression or embedding)"
             )
         if head is not None and not self.has_head:
             raise InvalidArtifact("adapter_config.json: head: this backbone has no encoder to put a head on")

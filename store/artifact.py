@@ -58,30 +58,49 @@ class _Strict(BaseModel):
 
 
 class HeadConfig(_Strict):
-    """A task head: what the pooled hidden state is mapped to."""
+    """A task head: what the pooled hidden state is mapped to (or, for `embedding`, the pooled state itself)."""
 
-    type: Literal["classification", "multi_label", "regression"] = Field(
-        description="What the head predicts."
+    type: Literal["classification", "multi_label", "regression", "embedding"] = Field(
+        description="What the head predicts; `embedding` has no weights: the task serves its pooled, "
+        "optionally L2-normalised encoder output (retrieval and similarity adapters)."
     )
     labels: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=list, max_length=1024, description="Label names in output order (classification)."
     )
     pooling: Literal["cls", "mean", "pooler"] = Field(
-        default="cls", description="First token, masked mean, or the backbone's own pooler (BERT)."
+        default="cls",
+        description="First token, masked mean, or the backbone's own pooler (BERT); embedding heads "
+        "default to mean, as sentence-transformers pools MiniLM.",
     )
     layers: Literal[1, 2] = Field(default=1, description="1: linear; 2: dense + tanh + linear (AdapterHub).")
+    normalize: bool = Field(default=True, description="Embedding heads: L2-normalise the pooled vector.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_pooling(cls, data):
+        # An embedding head pools by mean unless it says otherwise (the other heads keep `cls`).
+        if isinstance(data, dict) and data.get("type") == "embedding" and "pooling" not in data:
+            data = {**data, "pooling": "mean"}
+        return data
 
     @property
     def num_outputs(self) -> int:
-        """Width of the head's output layer."""
-        return 1 if self.type == "regression" else len(self.labels)
+        """Width of the head's output layer (0: an embedding head has none)."""
+        return {"regression": 1, "embedding": 0}.get(self.type, len(self.labels))
 
     @model_validator(mode="after")
     def _check_labels(self) -> HeadConfig:
-        if self.type != "regression" and len(self.labels) < 1:
+        if self.type == "embedding":
+            if self.labels:
+                raise ValueError("an embedding head has no labels")
+            if self.layers != 1:
+                raise ValueError("an embedding head has no layers to stack")
+        elif self.type != "regression" and len(self.labels) < 1:
             raise ValueError("a classification head needs at least one label")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if not self.normalize and self.type != "embedding":
+            raise ValueError("normalize applies to embedding heads only")
         return self
 
 
@@ -436,6 +455,8 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
         c = config.head.num_outputs
         if config.head.pooling == "pooler" and spec.family not in ("bert",):
             raise BackboneMismatch(f"pooling 'pooler' needs a backbone with a pooler; {spec.family} has none")
+        if config.head.type == "embedding":
+            return out
         if config.head.layers == 2:
             out["head.dense.weight"] = (h, h)
             out["head.dense.bias"] = (h,)

@@ -124,7 +124,8 @@ def common_entries(config, tensors: dict[str, torch.Tensor], spec: BackboneSpec)
                             )
                         )
     head = config.head
-    if head is not None:
+    # An embedding head has no weights: the engine pools the encoder output itself.
+    if head is not None and head.type != "embedding":
         dense = None
         if head.layers == 2:
             dense = (tensors["head.dense.weight"], tensors["head.dense.bias"])
