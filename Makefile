@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test bench lint format demo-artifacts
+.PHONY: install serve test bench lint format demo-artifacts mutation
 
 install:
 	# the same install steps as the Dockerfile: CPU torch first, then the project with its test extra
@@ -20,6 +20,13 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Mutation testing of the modules that hold the promises, each against its own tests (docs/testing.md).
+# Slow (about an hour on 2 cores), so not part of CI. MODULES="store/local.py ..." picks modules;
+# MUTATION_ARGS passes options to scripts/mutation.py (--ref REF, --jobs N, --minutes M, --show).
+mutation: install
+	$(BIN)/pip install -q -e '.[test,mutation]'
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/mutation.py $(MUTATION_ARGS) $(MODULES)
 
 format: install
 	$(BIN)/ruff check --fix .
