@@ -64,7 +64,11 @@ TARGETS = (
     # Its slowest test takes 0.02 s.
     Target(
         "service/batcher.py",
-        ("tests/unit/test_batcher.py", "tests/unit/test_batcher_admission.py"),
+        (
+            "tests/unit/test_batcher.py",
+            "tests/unit/test_batcher_admission.py",
+            "tests/unit/test_batcher_accounting.py",
+        ),
         test_timeout_s=3,
     ),
     Target(
