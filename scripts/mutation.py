@@ -45,6 +45,7 @@ class Target:
 
 
 STORE_TESTS = (
+    "tests/unit/test_store_durable.py",
     "tests/unit/test_store_local.py",
     "tests/unit/test_store_power_loss.py",
     "tests/unit/test_artifact_rules.py",
@@ -229,6 +230,52 @@ def run_one(target: Target, *, ref: str | None, jobs: int, minutes: float, show:
     return result
 
 
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+names = json.loads(sys.argv[1])
+print(json.dumps({n: get_diff_for_mutant(n, path=sys.argv[2]) for n in names}))
+"""
+
+
+def changed_lines(dest: Path, module: str, names: list[str]) -> dict[str, list[str]]:
+    """The removed and added lines of each named mutant of a finished run (one process for all)."""
+    if not names:
+        return {}
+    out = subprocess.run(
+        [sys.executable, "-c", _DIFFS, json.dumps(names), module],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    diffs = json.loads(out.stdout)
+    return {
+        n: [ln for ln in d.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
+        for n, d in diffs.items()
+    }
+
+
+def report(targets: list[Target]) -> str:
+    """Markdown: every mutant of the last runs that was not killed, with its changed lines."""
+    parts = []
+    for target in targets:
+        dest = SCRATCH / target.module.replace("/", "_").removesuffix(".py")
+        found = statuses(dest, target.module)
+        if not found:
+            continue
+        left = {n: s for n, s in found.items() if s != "killed"}
+        killed = len(found) - len(left)
+        parts.append(f"## {target.module}: {killed}/{len(found)} killed\n")
+        lines = changed_lines(dest, target.module, list(left))
+        for name, status in left.items():
+            short = name.removeprefix(target.module.removesuffix(".py").replace("/", ".") + ".")
+            parts.append(f"- `{short}` ({status})")
+            parts.extend(f"  `{ln.strip()[:150]}`" for ln in lines.get(name, []))
+        parts.append("")
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected modules (all by default) and print the score of each."""
     parser = argparse.ArgumentParser(
@@ -241,11 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel (default 2)")
     parser.add_argument("--minutes", type=float, default=20.0, help="time limit per module (default 20)")
     parser.add_argument("--show", action="store_true", help="print the diff of every mutant not killed")
+    parser.add_argument(
+        "--report", metavar="FILE", help="run nothing: write the mutants the last runs left alive as markdown"
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in BY_MODULE]
     if unknown:
         parser.error(f"not a mutation-tested module: {', '.join(unknown)}")
     targets = [BY_MODULE[m] for m in args.modules] if args.modules else list(TARGETS)
+    if args.report:
+        Path(args.report).write_text(report(targets))
+        return 0
     SCRATCH.mkdir(exist_ok=True)
     results = []
     for target in targets:
@@ -263,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.show:
                 print("".join("      " + line + "\n" for line in result["diffs"][name].splitlines()))
         (SCRATCH / "summary.json").write_text(json.dumps(results, indent=2))
+        (SCRATCH / (target.module.replace("/", "_").removesuffix(".py") + ".json")).write_text(
+            json.dumps(result, indent=2)
+        )
     print("\nmodule                 killed/total  score")
     for r in results:
         score = 100 * r["killed"] / r["total"] if r["total"] else 0.0
