@@ -53,6 +53,10 @@ def test_hash_file_keeps_bytes_only_up_to_the_limit(tmp_path) -> None:
     sha = hashlib.sha256(data).hexdigest()
     assert durable.hash_file(path, keep_up_to=100) == (sha, 100, data)
     assert durable.hash_file(path, keep_up_to=99) == (sha, 100, None)
+    big = tmp_path / "big"
+    blob = bytes(range(256)) * 4097  # more than one 1 MiB read
+    big.write_bytes(blob)
+    assert durable.hash_file(big, keep_up_to=len(blob)) == (hashlib.sha256(blob).hexdigest(), len(blob), blob)
     empty = tmp_path / "e"
     empty.write_bytes(b"")
     assert durable.hash_file(empty, keep_up_to=0) == (hashlib.sha256(b"").hexdigest(), 0, b"")
