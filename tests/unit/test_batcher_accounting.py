@@ -8,6 +8,7 @@ a deadline timer that fires before the injected clock says the deadline passed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from typing import Any
 
@@ -26,7 +27,7 @@ from test_batcher import (
 )
 
 from service.batcher import BatchPolicy, BatchResultMismatch, Row
-from store.errors import DeadlineExceeded, Draining, QueueFull
+from store.errors import DeadlineExceeded, Draining, PayloadTooLarge, QueueFull
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,6 +67,7 @@ async def test_reserved_room_counts_until_submitted_or_given_back() -> None:
 async def test_the_running_batch_is_in_flight_and_a_cut_short_one_is_told_why() -> None:
     engine = Engine(hold=True)
     batcher = make(engine)
+    assert batcher.in_flight == 0
     task = spawn(batcher, [row("a", 0), row("a", 1)])
     await engine.entered.wait()
     assert batcher.in_flight == 2 and batcher.queue_depth == 0
@@ -135,18 +137,19 @@ async def test_rows_that_fill_the_token_budget_exactly_share_one_batch() -> None
     await batcher.stop()
 
 
-async def test_mixed_packing_looks_at_a_bounded_prefix_of_the_queue() -> None:
+@pytest.mark.parametrize(("batch_size", "scanned"), [(2, 64), (10, 80)])
+async def test_mixed_packing_looks_at_a_bounded_prefix_of_the_queue(batch_size: int, scanned: int) -> None:
     engine = Engine(hold=True)
-    batcher = make(engine, max_batch_size=2)  # scans max(8 x 2, 64) = 64 rows past the oldest
+    batcher = make(engine, max_batch_size=batch_size)  # scans max(8 x size, 64) rows past the oldest
     holder = await hold_engine(batcher, engine)
     tasks = [spawn(batcher, [row("a", "oldest", length=10)])]
-    tasks += [spawn(batcher, [row("a", f"long{i}", length=100)]) for i in range(70)]
+    tasks += [spawn(batcher, [row("a", f"long{i}", length=100)]) for i in range(scanned)]
     tasks.append(spawn(batcher, [row("a", "far", length=10)]))
-    await settle(lambda: batcher.queue_depth == 72)
+    await settle(lambda: batcher.queue_depth == scanned + 2)
     engine.gate.set()
     await asyncio.gather(holder, *tasks)
-    # the equally short row 71 places back is past the scan: the closest row within it goes along
-    assert engine.payloads()[1] == ["oldest", "long0"]
+    # the equally short row just past the scan is not seen: the closest rows within it go along
+    assert engine.payloads()[1] == ["oldest"] + [f"long{i}" for i in range(batch_size - 1)]
     await batcher.stop()
 
 
@@ -394,6 +397,7 @@ async def test_a_deadline_equal_to_now_is_already_passed_at_submit() -> None:
     with pytest.raises(DeadlineExceeded) as info:
         await batcher.submit([row("a", 0)], deadline=clock.now)
     assert info.value.message == "the request deadline passed before it was queued"
+    assert info.value.details == {"deadline": clock.now}
     assert recorder.rejects == ["deadline"] and batcher.queue_depth == 0
     await batcher.stop()
 
@@ -408,7 +412,7 @@ class Poison:
         raise TypeError("not a length")
 
 
-async def test_a_crashed_loop_releases_queued_waiters_with_a_reason() -> None:
+async def test_a_crashed_loop_releases_queued_waiters_with_a_reason(caplog) -> None:
     engine = Engine(hold=True)
     batcher = make(engine)
     holder = await hold_engine(batcher, engine)
@@ -424,4 +428,138 @@ async def test_a_crashed_loop_releases_queued_waiters_with_a_reason() -> None:
     assert not batcher.running
     with pytest.raises(Draining):
         await batcher.submit([row("a", 1)], deadline=None)
-    await batcher.stop()  # retrieves the loop's error (logged), so nothing is left unretrieved
+    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        await batcher.stop()  # retrieves the loop's error (logged), so nothing is left unretrieved
+    assert "the batcher loop failed" in caplog.messages
+    assert "the batcher loop ended with an error (logged when it happened)" in caplog.messages
+
+
+async def test_a_request_too_large_for_the_queue_says_how_large_it_may_be() -> None:
+    batcher = make(Engine(), max_queue=3)
+    with pytest.raises(PayloadTooLarge) as info:
+        await batcher.submit([row("a", i) for i in range(4)], deadline=None)
+    assert info.value.message == "request has 4 inputs; at most 3 can be queued"
+    await batcher.stop()
+
+
+async def test_a_started_request_is_past_its_deadline_for_good(monkeypatch) -> None:
+    """Rows spread over several batches: once the first runs, the deadline no longer applies."""
+    clock = FakeClock()
+    engine = SteppedEngine()
+    batcher = make(engine, max_batch_size=2, clock=clock)
+    rows = [row("a", i) for i in range(3)]
+    request = spawn(batcher, rows, deadline=clock.now + 5.0)
+    await settle(lambda: len(engine.gates) == 1)  # the first two rows run
+    clock.now += 10.0
+    engine.gates[0].set()
+    await settle(lambda: len(engine.gates) == 2)
+    engine.gates[1].set()
+    assert await request == [result_of(r) for r in rows]
+    await batcher.stop()
+
+
+async def test_queue_depth_is_reported_after_a_cancel_and_after_a_stop_without_drain() -> None:
+    recorder = Recorder()
+    engine = Engine(hold=True)
+    batcher = make(engine, observer=recorder)
+    holder = await hold_engine(batcher, engine)
+    gone = spawn(batcher, [row("a", 0), row("a", 1)])
+    await settle(lambda: batcher.queue_depth == 2)
+    gone.cancel()
+    await settle(gone.done)
+    assert recorder.depths[-1] == 0 and recorder.rejects == ["cancelled"]
+    queued = spawn(batcher, [row("b", 0)])
+    await settle(lambda: batcher.queue_depth == 1)
+    assert recorder.depths[-1] == 1
+    stopping = asyncio.create_task(batcher.stop(drain=False))
+    with pytest.raises(Draining):
+        await queued
+    assert recorder.depths[-1] == 0
+    engine.gate.set()
+    await stopping
+    await holder
+
+
+async def test_mixed_packing_skips_rows_that_do_not_fit_and_keeps_looking() -> None:
+    engine = Engine(hold=True)
+    batcher = make(engine, max_batch_size=4, max_batch_tokens=30)
+    holder = await hold_engine(batcher, engine)
+    tasks = [
+        spawn(batcher, [row("a", "anchor", length=10)]),
+        spawn(batcher, [row("a", "other version", version=2, length=10)]),  # never with version 1
+        spawn(batcher, [row("b", "too long", length=16)]),  # 2 x 16 = 32 > 30
+        spawn(batcher, [row("c", "fits", length=3)]),  # further in length, but 2 x 10 = 20 fits
+    ]
+    await settle(lambda: batcher.queue_depth == 4)
+    engine.gate.set()
+    await asyncio.gather(holder, *tasks)
+    assert engine.payloads()[1] == ["anchor", "fits"]
+    await batcher.stop()
+
+
+def frozen_loop(monkeypatch: pytest.MonkeyPatch) -> LoopClock:
+    """Stop the event loop's clock (timers never come due unless the test moves it)."""
+    loop = asyncio.get_running_loop()
+    clock = LoopClock(loop, monkeypatch)
+    now = loop.time()
+    monkeypatch.setattr(loop, "time", lambda: now + clock.offset)
+    return clock
+
+
+@pytest.mark.parametrize("budget", [20, 25])
+async def test_a_batch_with_room_for_one_more_row_waits_for_it_within_the_window(monkeypatch, budget) -> None:
+    frozen_loop(monkeypatch)
+    engine = Engine()
+    batcher = make(engine, max_batch_size=4, max_batch_tokens=budget, max_wait_ms=500)
+    first = spawn(batcher, [row("a", 0, length=10)])
+    await spins()
+    assert engine.batches == []  # a second row of 10 would still fit: the window is open
+    second = spawn(batcher, [row("b", 1, length=10)])
+    await asyncio.gather(first, second)
+    assert engine.payloads() == [[0, 1]]  # and once it came the batch was full: no more waiting
+    await batcher.stop()
+
+
+async def test_rows_inside_the_oldest_rows_window_go_before_newer_closer_ones(monkeypatch) -> None:
+    loop_clock = frozen_loop(monkeypatch)
+    engine = Engine(hold=True)
+    batcher = make(engine, max_batch_size=2, max_wait_ms=1000)
+    holder = await hold_engine(batcher, engine)
+    tasks = [
+        spawn(batcher, [row("a", "oldest", length=10)]),
+        spawn(batcher, [row("b", "same window", length=90)]),
+    ]
+    await settle(lambda: batcher.queue_depth == 2)
+    loop_clock.offset += 5.0  # later arrivals are outside the oldest row's one-second window
+    tasks.append(spawn(batcher, [row("c", "newer and closer", length=10)]))
+    await settle(lambda: batcher.queue_depth == 3)
+    engine.gate.set()
+    await asyncio.gather(holder, *tasks[:2])
+    assert engine.payloads()[1] == ["oldest", "same window"]
+    await batcher.stop()  # the last row waits out its window on a stopped clock: draining runs it now
+    assert await tasks[2] == [result_of(row("c", "newer and closer", length=10))]
+
+
+async def test_an_observer_without_some_hooks_is_fine_and_failing_hooks_are_logged(caplog) -> None:
+    class OnlyBatches:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def on_batch(self, rows: list[Row], queue_waits: list[float]) -> None:
+            self.seen.append(len(rows))
+
+    observer = OnlyBatches()
+    batcher = make(Engine(), observer=observer)
+    assert await batcher.submit([row("a", 0)], deadline=None) == [result_of(row("a", 0))]
+    assert observer.seen == [1]
+    await batcher.stop()
+
+    class Broken(Recorder):
+        def on_queue_depth(self, depth: int) -> None:
+            raise RuntimeError("metrics down")
+
+    batcher = make(Engine(), observer=Broken())
+    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        assert await batcher.submit([row("a", 0)], deadline=None) == [result_of(row("a", 0))]
+    assert "batch observer hook on_queue_depth failed" in caplog.messages
+    await batcher.stop()
