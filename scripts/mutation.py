@@ -58,9 +58,11 @@ TARGETS = (
         "service/cache.py",
         (
             "tests/unit/test_cache_tiers.py",
+            "tests/unit/test_cache_accounting.py",
             "tests/integration/test_api_residency.py",
             "tests/integration/test_hypernet_api.py",
         ),
+        test_timeout_s=8,
     ),
     # Its slowest test takes 0.02 s.
     Target(

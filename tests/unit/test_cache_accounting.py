@@ -1,0 +1,105 @@
+"""The cache tiers' bookkeeping: load metrics, bytes and return values of evictions, plan() at its edges.
+
+Reuses the fake model of test_cache_tiers; every expected number is worked out by hand in the test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_cache_tiers import adapter, named, resident, slots
+
+from service.cache import HostCache
+from service.metrics import Metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value("adapterserve_" + name, labels or None)
+
+
+@pytest.mark.asyncio
+async def test_host_loads_count_by_outcome_and_time_only_the_load() -> None:
+    metrics = Metrics(max_tasks=8)
+    cache = HostCache(budget_bytes=1000, metrics=metrics)
+    before = time.perf_counter()
+    await cache.acquire(("a", 0, 1), lambda: adapter("a"))
+    elapsed = time.perf_counter() - before
+    assert sample(metrics, "adapter_loads_total", source="store", result="ok") == 1
+    assert sample(metrics, "adapter_load_duration_seconds_count", source="store") == 1
+    assert 0 <= sample(metrics, "adapter_load_duration_seconds_sum", source="store") <= elapsed
+
+    def broken():
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        await cache.acquire(("b", 0, 1), broken)
+    assert sample(metrics, "adapter_loads_total", source="store", result="error") == 1
+    assert sample(metrics, "adapter_loads_total", source="store", result="ok") == 1
+    assert cache.loading("b", 0) == []
+
+
+@pytest.mark.asyncio
+async def test_a_cached_entry_gone_stale_is_loaded_again() -> None:
+    stale: set[str] = set()
+    cache = HostCache(budget_bytes=1000, metrics=Metrics(max_tasks=8), fresh=lambda a: a.sha256 not in stale)
+    first = await cache.acquire(("a", 0, 1), lambda: adapter("a"))
+    cache.release(first)
+    stale.add(first.sha256)
+    fresh = adapter("a")
+    fresh.sha256 = "1" * 64
+    again = await cache.acquire(("a", 0, 1), lambda: fresh)
+    assert again is fresh and cache.bytes == fresh.nbytes
+
+
+def test_evict_frees_exactly_the_evicted_bytes_and_says_whether_it_did() -> None:
+    device, model = slots(capacity=4, budget=1000)
+    a, b = named("a", nbytes=10), named("b", nbytes=20)
+    device.assign([a, b])
+    assert device.evict(a.key) is True
+    assert device.bytes == 20 and resident(device) == ["b"] and list(model.held.values()) == ["b"]
+    assert device.evict(a.key) is False
+    assert device.bytes == 20
+
+
+def test_an_evicted_generated_slot_is_not_reported_stale_later() -> None:
+    device, _ = slots(capacity=4, budget=1000)
+    net = object()
+    g = named("g")
+    g.hypernetwork = net
+    device.assign([g])
+    device.evict(g.key)
+    assert device.evict_generated(lambda n: False) == []
+    h = named("h")
+    h.hypernetwork = net
+    device.assign([h])
+    assert device.evict_generated(lambda n: n is net) == []  # its generator is live
+    assert device.evict_generated(lambda n: False) == [h.key] and resident(device) == []
+
+
+def test_plan_counts_the_pinned_bytes_outside_the_group_up_to_the_budget_exactly() -> None:
+    device, _ = slots(capacity=4, budget=100)
+    pinned = named("p", nbytes=40)
+    device.assign([pinned])
+    device.set_pinned([pinned.key])
+    # 30 + 30 beside the pinned 40 is exactly 100: one group
+    assert [[a.task for a in g] for g in device.plan([named("a", nbytes=30), named("b", nbytes=30)])] == [
+        ["a", "b"]
+    ]
+    # one byte more does not fit beside the pin
+    assert [[a.task for a in g] for g in device.plan([named("a", nbytes=30), named("b", nbytes=31)])] == [
+        ["a"],
+        ["b"],
+    ]
+    # a group that includes the pinned adapter does not count it twice
+    assert [[a.task for a in g] for g in device.plan([pinned, named("a", nbytes=60)])] == [["p", "a"]]
+
+
+def test_plan_counts_the_pinned_slots_outside_the_group() -> None:
+    device, _ = slots(capacity=2, budget=1000)
+    pinned = named("p")
+    device.assign([pinned])
+    device.set_pinned([pinned.key])
+    # one slot is pinned: two adapters cannot share the other one
+    assert [[a.task for a in g] for g in device.plan([named("a"), named("b")])] == [["a"], ["b"]]
+    assert [[a.task for a in g] for g in device.plan([pinned, named("a")])] == [["p", "a"]]
