@@ -1,0 +1,165 @@
+"""The registry over a real filesystem store, a stub decoder and device slots on a fake model.
+
+Covers what the API tests leave out: a version whose activation fails is removed again (and a new
+name with it), pins as the registry reports them, the method of a task read lazily after a restart,
+and a delete the store refuses leaving the task serving.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_cache_tiers import FakeModel
+
+from service.cache import Adapter, DeviceSlots
+from service.decode import Decoder
+from service.metrics import Metrics
+from service.registry import Registry
+from store.errors import NotFound, StoreUnavailable
+from store.local import LocalStore
+
+pytestmark = pytest.mark.asyncio
+
+
+class StubDecoder:
+    """Decodes the JSON config only: {"method": ..., "nbytes": ...}."""
+
+    hypernetworks = None
+    method_of = staticmethod(Decoder.method_of)
+
+    def decode(self, *, task, uid, version, config_bytes, weights_path, sha256) -> Adapter:
+        cfg = json.loads(config_bytes)
+        return Adapter(
+            task=task,
+            uid=uid,
+            version=version,
+            config=SimpleNamespace(method=cfg["method"], head=None, fail=cfg.get("fail", False)),
+            tensors={},
+            nbytes=cfg.get("nbytes", 10),
+            num_parameters=0,
+            sha256=sha256,
+        )
+
+
+class FailingModel(FakeModel):
+    """Refuses to load an adapter whose config says so (a device error during activation)."""
+
+    def load(self, slot, config, tensors, *, hypernetwork=None) -> None:  # type: ignore[no-untyped-def]
+        if config.fail:
+            raise RuntimeError("device refused the adapter")
+        super().load(slot, config, tensors, hypernetwork=hypernetwork)
+
+
+async def run_here(fn, *args):
+    return fn(*args)
+
+
+def registry(root: Path, **kwargs) -> Registry:
+    metrics = Metrics(max_tasks=8)
+    return Registry(
+        store=LocalStore(root),
+        decoder=StubDecoder(),  # type: ignore[arg-type]
+        device=DeviceSlots(model=FailingModel(4), budget_bytes=1000, metrics=metrics),
+        metrics=metrics,
+        host_cache_bytes=1000,
+        run_on_device=run_here,
+        **kwargs,
+    )
+
+
+async def upload(reg: Registry, tmp_path: Path, task: str, **config) -> int:
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"w" * 16)
+    info, _, _ = await reg.upload(
+        task, config_bytes=json.dumps(config).encode(), weights_path=weights, activate=True
+    )
+    return info.version
+
+
+async def test_a_new_name_whose_activation_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    with pytest.raises(RuntimeError, match="device refused"):
+        await upload(reg, tmp_path, "t", method="lora", fail=True)
+    assert reg.names() == [] and not reg.is_registered("t")
+    assert reg.store.list_names("tasks") == []
+    with pytest.raises(NotFound):
+        reg.lease("t")
+
+
+async def test_a_new_version_whose_activation_fails_is_removed_and_the_old_one_serves(tmp_path: Path) -> None:
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    assert await upload(reg, tmp_path, "t", method="lora") == 1
+    with pytest.raises(RuntimeError, match="device refused"):
+        await upload(reg, tmp_path, "t", method="ia3", fail=True)
+    assert [i.version for i in reg.store.list_versions("tasks", "t")] == [1]
+    assert reg.store.current_version("tasks", "t") == 1
+    lease = reg.lease("t")
+    adapter = await reg.ready(lease)
+    assert (adapter.version, adapter.method) == (1, "lora")
+    reg.release(lease)
+    assert reg.state("t").current == 1 and reg.leases_total() == 0
+    # the failed version's number is not reused
+    assert await upload(reg, tmp_path, "t", method="lora") == 3
+
+
+async def test_pins_are_reported_as_set(tmp_path: Path) -> None:
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    assert reg.is_pinned("t") is False
+    await reg.set_pinned("t", True)
+    assert reg.is_pinned("t") is True and (await reg.detail("t"))["residency"]["pinned"] is True
+    await reg.set_pinned("t", False)
+    assert reg.is_pinned("t") is False
+
+
+async def test_after_a_restart_the_method_is_read_from_the_store_when_asked(tmp_path: Path) -> None:
+    first = registry(tmp_path / "store")
+    await first.start()
+    await upload(first, tmp_path, "t", method="compacter")
+    again = registry(tmp_path / "store")
+    await again.start()
+    assert again.summary() == [{"task": "t", "current_version": 1, "method": None}]
+    detail = await again.detail("t")
+    assert detail["method"] == "compacter" and detail["current_version"] == 1
+    assert [v["version"] for v in detail["versions"]] == [1]
+    assert detail["residency"] == {"device": [], "host": [], "pinned": False}
+    assert detail["in_flight"] == 0
+    assert again.summary() == [{"task": "t", "current_version": 1, "method": "compacter"}]
+
+
+async def test_a_delete_the_store_refuses_leaves_the_task_serving(tmp_path: Path, monkeypatch) -> None:
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+
+    def refuse(kind, name):
+        raise StoreUnavailable("the store failed while deleting: EIO")
+
+    monkeypatch.setattr(reg.store, "delete", refuse)
+    with pytest.raises(StoreUnavailable):
+        await reg.delete("t")
+    assert reg.names() == ["t"] and not reg.state("t").deleted
+    lease = reg.lease("t")
+    assert (await reg.ready(lease)).version == 1
+    reg.release(lease)
+    monkeypatch.undo()
+    await reg.delete("t")
+    assert reg.names() == [] and reg.store.list_names("tasks") == []
+
+
+async def test_deleting_a_version_that_is_current_is_refused_and_another_one_goes(tmp_path: Path) -> None:
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    await upload(reg, tmp_path, "t", method="ia3")
+    with pytest.raises(Exception, match="version 2 of 't' is current"):
+        await reg.delete_version("t", 2)
+    await reg.delete_version("t", 1)
+    assert [i.version for i in reg.store.list_versions("tasks", "t")] == [2]
+    assert (await reg.detail("t"))["method"] == "ia3"
