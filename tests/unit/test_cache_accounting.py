@@ -5,12 +5,14 @@ Reuses the fake model of test_cache_tiers; every expected number is worked out b
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
 from test_cache_tiers import adapter, named, resident, slots
 
-from service.cache import HostCache
+from service.cache import DeviceSlots, HostCache
 from service.metrics import Metrics
 
 
@@ -103,3 +105,108 @@ def test_plan_counts_the_pinned_slots_outside_the_group() -> None:
     # one slot is pinned: two adapters cannot share the other one
     assert [[a.task for a in g] for g in device.plan([named("a"), named("b")])] == [["a"], ["b"]]
     assert [[a.task for a in g] for g in device.plan([pinned, named("a")])] == [["p", "a"]]
+
+
+def test_budgets_are_inclusive_on_the_device() -> None:
+    device, _ = slots(capacity=4, budget=100)
+    device.assign([named("whole", nbytes=100)])  # exactly the budget fits
+    assert resident(device) == ["whole"]
+    device, _ = slots(capacity=4, budget=100)
+    device.assign([named("a", nbytes=60)])
+    device.assign([named("b", nbytes=40)])  # 60 + 40 = 100: nothing is evicted
+    assert resident(device) == ["a", "b"] and device.bytes == 100
+    device.assign([named("c", nbytes=1)])  # one byte over: the least recently used goes
+    assert resident(device) == ["b", "c"]
+
+
+@pytest.mark.asyncio
+async def test_host_budget_is_inclusive_and_evicts_only_as_much_as_needed() -> None:
+    cache = HostCache(budget_bytes=30, metrics=Metrics(max_tasks=8))
+    for t in "abc":
+        cache.release(await cache.acquire((t, 0, 1), lambda t=t: adapter(t)))  # 10 bytes each
+    assert cache.bytes == 30 and cache.versions("a", 0) == [1]  # exactly the budget: all stay
+    cache.release(await cache.acquire(("d", 0, 1), lambda: adapter("d")))
+    assert ("a", 0, 1) not in cache and all((t, 0, 1) in cache for t in "bcd") and cache.bytes == 30
+
+
+@pytest.mark.asyncio
+async def test_each_release_gives_back_one_reference() -> None:
+    cache = HostCache(budget_bytes=10, metrics=Metrics(max_tasks=8))
+    a = await cache.acquire(("a", 0, 1), lambda: adapter("a"))
+    assert await cache.acquire(("a", 0, 1), lambda: adapter("never")) is a
+    assert a.refs == 2
+    cache.release(a)
+    assert a.refs == 1
+    cache.release(await cache.acquire(("b", 0, 1), lambda: adapter("b")))  # over budget: a is held
+    assert ("a", 0, 1) in cache
+    cache.release(a)
+    cache.release(a)  # never below zero
+    assert a.refs == 0
+
+
+@pytest.mark.asyncio
+async def test_loading_lists_only_that_tasks_loads() -> None:
+    cache = HostCache(budget_bytes=1000, metrics=Metrics(max_tasks=8))
+    gate = threading.Event()
+
+    def slow(task: str):
+        def load():
+            gate.wait(10)
+            return adapter(task)
+
+        return load
+
+    a = cache.acquire(("a", 0, 1), slow("a"))
+    b = cache.acquire(("b", 0, 2), slow("b"))
+    assert len(cache.loading("a", 0)) == 1 and len(cache.loading("b", 0)) == 1
+    assert cache.loading("a", 1) == [] and cache.loading("c", 0) == []
+    gate.set()
+    await asyncio.gather(a, b)
+    assert cache.loading("a", 0) == []
+
+
+class RefusingModel:
+    """Fails to load one named adapter; records evictions."""
+
+    def __init__(self, slots: int, refuse: str) -> None:
+        self.num_slots = slots
+        self.refuse = refuse
+        self.held: dict[int, str] = {}
+        self.evicted: list[int] = []
+
+    def load(self, slot, config, tensors, *, hypernetwork=None) -> None:  # type: ignore[no-untyped-def]
+        if config == self.refuse:
+            raise RuntimeError("copy failed")
+        self.held[slot] = config
+
+    def evict(self, slot: int) -> None:
+        self.evicted.append(slot)
+        self.held.pop(slot, None)
+
+
+def test_a_failed_load_returns_its_slot_and_counts_nothing() -> None:
+    model = RefusingModel(2, refuse="bad")
+    device = DeviceSlots(model=model, budget_bytes=1000, metrics=Metrics(max_tasks=8))
+    with pytest.raises(RuntimeError):
+        device.assign([named("bad")])
+    assert model.evicted == [1] and resident(device) == [] and device.bytes == 0
+    # both slots are still there to use
+    device.assign([named("a"), named("b")])
+    assert sorted(model.held.values()) == ["a", "b"]
+
+
+def test_a_resident_slot_from_an_old_generator_is_generated_again() -> None:
+    device, model = slots(capacity=4, budget=1000)
+    old, new = object(), object()
+    g = named("g")
+    g.hypernetwork = old
+    first = device.assign([g])[g.key]
+    again = named("g")
+    again.hypernetwork = old
+    assert device.assign([again]) == {g.key: first}  # same generator: a hit, nothing reloaded
+    fresh = named("g")
+    fresh.hypernetwork = new
+    slot = device.assign([fresh])[g.key]
+    assert resident(device) == ["g"] and model.held[slot] == "g" and device.bytes == 10
+    assert device.evict_generated(lambda n: n is new) == []
+    assert device.evict_generated(lambda n: n is old) == [g.key]
