@@ -127,3 +127,18 @@ def test_mixed_bottleneck_rows_each_get_their_own_width_activation_and_post_norm
         again = bank.delta(x[:2])
     torch.testing.assert_close(again[0], _reference(x[0], w3, lambda z: z, 1.0), rtol=0, atol=1e-5)
     torch.testing.assert_close(again[1], _reference(x[1], w1, F.relu, 0.5), rtol=0, atol=1e-5)
+
+
+def test_a_bottleneck_without_a_scale_is_unscaled_and_gelu_new_is_the_tanh_approximation() -> None:
+    router = Router()
+    bank = BottleneckBank(d_in=D, d_out=D, max_dim=4, slots=2, router=router)
+    w = _bottleneck(4, seed=8)
+    bank.load(1, **w, activation="gelu_new")  # no scale given: 1
+    x = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(9)) * 4
+    with torch.no_grad(), router.route(torch.tensor([1])):
+        out = bank.delta(x)
+
+    def gelu_tanh(z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+
+    torch.testing.assert_close(out[0], _reference(x[0], w, gelu_tanh, 1.0), rtol=0, atol=1e-5)
