@@ -261,16 +261,20 @@ def changed_lines(dest: Path, module: str, names: list[str]) -> dict[str, list[s
 
 
 def report(targets: list[Target]) -> str:
-    """Markdown: every mutant of the last runs that was not killed, with its changed lines."""
+    """Markdown: every mutant of the last runs that survived or had no test, with its changed lines."""
     parts = []
     for target in targets:
         dest = SCRATCH / target.module.replace("/", "_").removesuffix(".py")
         found = statuses(dest, target.module)
         if not found:
             continue
-        left = {n: s for n, s in found.items() if s != "killed"}
-        killed = len(found) - len(left)
-        parts.append(f"## {target.module}: {killed}/{len(found)} killed\n")
+        counts: dict[str, int] = {}
+        for status in found.values():
+            counts[status] = counts.get(status, 0) + 1
+        # Killed and timed-out mutants were detected; not-checked ones were never run: only counted.
+        left = {n: s for n, s in found.items() if s not in ("killed", "timeout", "not checked")}
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        parts.append(f"## {target.module}: {counts.get('killed', 0)}/{len(found)} killed ({summary})\n")
         lines = changed_lines(dest, target.module, list(left))
         for name, status in left.items():
             short = name.removeprefix(target.module.removesuffix(".py").replace("/", ".") + ".")
@@ -293,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="time limit per module (default 20)")
     parser.add_argument("--show", action="store_true", help="print the diff of every mutant not killed")
     parser.add_argument(
-        "--report", metavar="FILE", help="run nothing: write the mutants the last runs left alive as markdown"
+        "--report",
+        metavar="FILE",
+        help="run nothing: write the mutants the last runs left alive, as markdown",
     )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in BY_MODULE]
