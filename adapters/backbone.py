@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,61 @@ from torch import nn
 from adapters.arch import ArchMap, get_arch
 from store.spec import BackboneSpec
 
-__all__ = ["Backbone", "default_backbone_path", "fingerprint", "load_backbone", "resolve_device"]
+__all__ = [
+    "Backbone",
+    "SentencePooling",
+    "default_backbone_path",
+    "fingerprint",
+    "load_backbone",
+    "resolve_device",
+    "sentence_pooling",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "all-MiniLM-L6-v2"
+"""The bundled backbone's name, as sentence-transformers publishes it."""
 
 # Families whose serving model carries a language-model head (generation).
 _GENERATIVE = {"t5", "bart", "gpt2"}
+
+
+@dataclass(frozen=True)
+class SentencePooling:
+    """How a sentence embedding is read off the last hidden states: pooling, norm and input limit."""
+
+    mode: str = "mean"
+    """`mean` (masked mean over tokens), `cls` (first token) or `pooler` (the backbone's pooler)."""
+    normalize: bool = True
+    max_tokens: int | None = None
+    """Tokens an input is truncated to (sentence-transformers' `max_seq_length`); None: the backbone's."""
+
+
+def sentence_pooling(src: Path) -> SentencePooling:
+    """The pooling a sentence-transformers directory declares (modules.json); mean + L2 norm without one."""
+    try:
+        modules = json.loads((src / "modules.json").read_text())
+    except (OSError, ValueError):
+        return SentencePooling()
+    kinds = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)}
+    mode = "mean"
+    if "Pooling" in kinds:
+        try:
+            cfg = json.loads((src / kinds["Pooling"] / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif not cfg.get("pooling_mode_mean_tokens", True):
+            log.warning("%s: only mean or CLS sentence pooling is served; using mean", src)
+    max_tokens = None
+    with contextlib.suppress(OSError, ValueError):
+        max_tokens = json.loads((src / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    return SentencePooling(
+        mode=mode,
+        normalize="Normalize" in kinds,
+        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+    )
 
 
 @dataclass
@@ -29,6 +83,8 @@ class Backbone:
     arch: ArchMap
     device: torch.device
     dtype: torch.dtype
+    pooling: SentencePooling = field(default_factory=lambda: SentencePooling())
+    """How the backbone alone embeds a sentence (from its sentence-transformers config, if any)."""
 
     @property
     def core(self) -> nn.Module:
@@ -110,14 +166,22 @@ def load_backbone(path: str | Path | None = None, *, device: str = "auto", dtype
     for p in model.parameters():
         p.requires_grad_(False)
     # Fingerprint the weights as stored, before any device or dtype change.
-    spec = describe(model, arch=arch, name=src.name if path is None else str(path))
+    spec = describe(model, arch=arch, name=DEFAULT_NAME if path is None else str(path))
     dev = resolve_device(device)
     dt = _dtype(dtype, dev)
     model.to(device=dev, dtype=dt)
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(model=model, tokenizer=tokenizer, spec=spec, arch=arch, device=dev, dtype=dt)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        arch=arch,
+        device=dev,
+        dtype=dt,
+        pooling=sentence_pooling(src),
+    )
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from adapters.banks import _Bank
 from adapters.router import Router
 
-__all__ = ["HeadBank", "HeadOutput", "decode_row"]
+__all__ = ["HeadBank", "HeadOutput", "decode_row", "pool"]
 
 POOLING = {"cls": 0, "mean": 1, "pooler": 2}
 KINDS = {"classification": 0, "multi_label": 1, "regression": 2}
@@ -24,6 +24,8 @@ class HeadOutput:
     logits: torch.Tensor
     num_outputs: np.ndarray
     kinds: np.ndarray
+    hidden: torch.Tensor | None = None
+    """The last hidden states the heads read (embedding rows of the batch pool them)."""
 
 
 class HeadBank(_Bank):
@@ -104,7 +106,23 @@ class HeadBank(_Bank):
                 logits = y
             else:
                 logits.index_copy_(0, idx, y)
-        return HeadOutput(logits=logits, num_outputs=self.num_outputs[slots_np], kinds=self.kind[slots_np])
+        return HeadOutput(
+            logits=logits, num_outputs=self.num_outputs[slots_np], kinds=self.kind[slots_np], hidden=hidden
+        )
+
+
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, *, mode: str, pooler: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Sentence vectors of a batch: first token, masked mean (as sentence-transformers), or the pooler."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "pooler":
+        if pooler is None:
+            raise ValueError("pooling 'pooler' asks for the backbone's pooler, and it has none")
+        return pooler(hidden)
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 def decode_row(logits: torch.Tensor, *, kind: str, labels: list[str], all_scores: bool = False) -> dict:

@@ -320,6 +320,10 @@ class MultiTaskModel(nn.Module):
             hidden = self._encode(input_ids, attention_mask, **kwargs)
             return head(hidden, attention_mask, self._pooler())
 
+    def pooler(self) -> nn.Module | None:
+        """The backbone's own pooler (BERT's dense + tanh over the first token), if it has one."""
+        return self._pooler()
+
     def _pooler(self) -> nn.Module | None:
         name = self.backbone.arch.pooler
         return getattr(self.backbone.core, name, None) if name else None

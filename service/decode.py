@@ -18,7 +18,7 @@ from store.artifact import expected_tensors, parse_config
 from store.errors import InvalidArtifact, NotImplementedYet, PayloadTooLarge
 from store.safetensors_io import SafetensorsLimits, check_expected, load_arrays, read_header
 
-__all__ = ["Decoder"]
+__all__ = ["Decoder", "task_kind"]
 
 
 class Decoder:
@@ -84,6 +84,17 @@ class Decoder:
             return None
         return method if isinstance(method, str) else None
 
+    @staticmethod
+    def kind_of(config_bytes: bytes) -> str | None:
+        """The kind of a stored config's task (see `task_kind`), without validating the rest."""
+        try:
+            head = json.loads(config_bytes).get("head")
+        except (ValueError, AttributeError):
+            return None
+        if head is not None and not isinstance(head, dict):
+            return None
+        return _KINDS.get(None if head is None else head.get("type"))
+
     def _check_task_shape(self, config) -> None:
         head = config.head
         if head is None and not self.generative:
@@ -129,6 +140,20 @@ class Decoder:
                         f"{tuple(value.shape)} vs {tuple(room)}"
                     )
         return entries
+
+
+_KINDS = {
+    None: "generate",
+    "classification": "classify",
+    "multi_label": "classify",
+    "regression": "regress",
+    "embedding": "embed",
+}
+
+
+def task_kind(head) -> str:
+    """What a task with this head answers: classify, regress, embed, or generate (no head)."""
+    return _KINDS[None if head is None else head.type]
 
 
 def _entry_bytes(entry) -> int:

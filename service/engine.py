@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from adapters.heads import decode_row
+from adapters.heads import decode_row, pool
 from service.batcher import Row
 from service.cache import Adapter, DeviceSlots
 from service.metrics import Metrics
 from store.errors import InvalidRequest
 
-__all__ = ["Encoded", "Engine", "Work", "balance", "length_splits"]
+__all__ = ["Embed", "Encoded", "Engine", "Work", "balance", "length_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +119,34 @@ class Encoded:
 
 
 @dataclass(frozen=True, slots=True)
+class Embed:
+    """An embedding row: how its sentence vector is pooled, and whether it is L2-normalised."""
+
+    pooling: str = "mean"
+    normalize: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Work:
     """A row's payload: its tokens, the adapter version it runs with, and its output options."""
 
-    adapter: Adapter
+    adapter: Adapter | None
+    """None: the backbone alone (slot 0)."""
     encoded: Encoded
     all_scores: bool = False
     max_new_tokens: int = 0
+    embed: Embed | None = None
+    """Set: the row's answer is its sentence vector, not its head's output."""
 
     @property
     def generates(self) -> bool:
-        """Whether the row is generation (no task head) rather than classification."""
-        return self.adapter.head is None
+        """Whether the row is generation (no task head, no embedding) rather than an encoder row."""
+        return self.embed is None and (self.adapter is None or self.adapter.head is None)
+
+    @property
+    def key(self):
+        """The adapter's cache key (None for the backbone alone)."""
+        return None if self.adapter is None else self.adapter.key
 
 
 class Engine:
@@ -188,9 +205,11 @@ class Engine:
         """Run `fn(*args)` on the device's worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def tokenize(self, inputs: Sequence[Text]) -> list[Encoded]:
+    async def tokenize(self, inputs: Sequence[Text], *, max_tokens: int | None = None) -> list[Encoded]:
         """Tokenize strings and [text_a, text_b] pairs off the event loop, truncated to the limit."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._tokenize, inputs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self._tokenize, inputs, max_tokens
+        )
 
     async def run_batch(self, rows: list[Row]) -> list[Any]:
         """The batcher's hook: each row's output dict, or the exception that row failed with."""
@@ -205,11 +224,12 @@ class Engine:
 
     # -- tokenization ---------------------------------------------------------------------------
 
-    def _tokenize(self, inputs: Sequence[Text]) -> list[Encoded]:
+    def _tokenize(self, inputs: Sequence[Text], max_tokens: int | None = None) -> list[Encoded]:
         singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
         pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
         out: list[Encoded | None] = [None] * len(inputs)
-        opts = {"truncation": True, "max_length": self.max_input_tokens}
+        limit = min(max_tokens or self.max_input_tokens, self.max_input_tokens)
+        opts = {"truncation": True, "max_length": limit}
         if singles:
             enc = self.tokenizer([inputs[i] for i in singles], **opts)
             self._collect(enc, singles, out)
@@ -237,12 +257,15 @@ class Engine:
             idx = [i for i, w in enumerate(works) if w.generates == generates]
             if not idx:
                 continue
-            adapters = list({works[i].adapter.key: works[i].adapter for i in idx}.values())
-            for group in self.device.plan(adapters):
+            adapters = list({works[i].key: works[i].adapter for i in idx if works[i].adapter}.values())
+            # Rows of the backbone alone (slot 0) ride along with the first group.
+            bare = [i for i in idx if works[i].adapter is None]
+            for n, group in enumerate(self.device.plan(adapters) or [[]]):
                 keys = {a.key for a in group}
-                part = [i for i in idx if works[i].adapter.key in keys]
+                part = (bare if n == 0 else []) + [i for i in idx if works[i].key in keys]
                 try:
-                    slots = self.device.assign(group)
+                    slots = self.device.assign(group) if group else {}
+                    slots[None] = 0
                     sub = [works[i] for i in part]
                     outs = self._generate(sub, slots) if generates else self._classify(sub, slots)
                 except Exception as exc:
@@ -275,7 +298,7 @@ class Engine:
     def _observe(self, works: list[Work], started: float) -> None:
         self.m.forward_duration.observe(time.perf_counter() - started)
         self.m.batch_size.observe(len(works))
-        self.m.batch_tasks.observe(len({w.adapter.task for w in works}))
+        self.m.batch_tasks.observe(len({w.key for w in works}))
 
     def _classify(self, works: list[Work], slots: dict) -> list[dict]:
         lengths = [len(w.encoded.ids) for w in works]
@@ -300,25 +323,46 @@ class Engine:
 
     def _classify_run(self, works: list[Work], slots: dict) -> list[dict]:
         batch = self._pad(works, left=False)
-        slot_ids = [slots[w.adapter.key] for w in works]
+        slot_ids = [slots[w.key] for w in works]
         started = time.perf_counter()
         extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-        out = self.model.classify(batch["input_ids"], batch["attention_mask"], slot_ids, **extra)
-        logits = out.logits.float().cpu()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out: list[dict | None] = [None] * len(works)
+        if all(w.embed is not None for w in works):
+            hidden = self.model.hidden(ids, mask, slot_ids, **extra)
+        else:
+            res = self.model.classify(ids, mask, slot_ids, **extra)
+            hidden = res.hidden
+            logits = res.logits.float().cpu()
+            for j, w in enumerate(works):
+                if w.embed is None:
+                    head = w.adapter.head
+                    out[j] = decode_row(
+                        logits[j], kind=head.type, labels=list(head.labels), all_scores=w.all_scores
+                    )
+        self._embed(works, hidden, mask, out)
         self._observe(works, started)
-        return [
-            decode_row(
-                logits[j],
-                kind=w.adapter.head.type,
-                labels=list(w.adapter.head.labels),
-                all_scores=w.all_scores,
-            )
-            for j, w in enumerate(works)
-        ]
+        return out  # type: ignore[return-value]
+
+    def _embed(self, works: list[Work], hidden: torch.Tensor, mask: torch.Tensor, out: list) -> None:
+        """Each embedding row's sentence vector (float32), pooled the way its row asks."""
+        ways: dict[Embed, list[int]] = {}
+        for j, w in enumerate(works):
+            if w.embed is not None:
+                ways.setdefault(w.embed, []).append(j)
+        for way, rows in ways.items():
+            idx = torch.as_tensor(rows, device=hidden.device)
+            with torch.inference_mode():
+                vec = pool(hidden[idx], mask[idx], mode=way.pooling, pooler=self.model.pooler()).float()
+                if way.normalize:
+                    vec = F.normalize(vec, p=2, dim=-1)
+            arr = vec.cpu().numpy()
+            for k, j in enumerate(rows):
+                out[j] = {"embedding": arr[k]}
 
     def _generate(self, works: list[Work], slots: dict) -> list[dict]:
         batch = self._pad(works, left=self.decoder_only)
-        slot_ids = [slots[w.adapter.key] for w in works]
+        slot_ids = [slots[w.key] for w in works]
         longest = max(w.max_new_tokens for w in works)
         started = time.perf_counter()
         tokens = self.model.generate(

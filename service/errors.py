@@ -13,7 +13,7 @@ from starlette.routing import Match
 
 from store import errors as e
 
-__all__ = ["STATUS", "error_body", "install_handlers", "status_of"]
+__all__ = ["STATUS", "error_body", "install_handlers", "protocol_body", "status_of", "surface_of"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,40 @@ def error_body(kind: str, message: str) -> dict:
     return {"error": {"type": kind, "message": message}}
 
 
+_OPENAI = ("/v1/embeddings", "/v1/models", "/v1/completions")
+_TEI = ("/embed", "/predict", "/rerank", "/tokenize", "/info")
+# text-embeddings-inference's error types, by status.
+_TEI_TYPES = {413: "Validation", 422: "Validation", 400: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+
+
+def surface_of(path: str) -> str:
+    """Which protocol a path belongs to: `openai`, `v2` (KServe/Triton), `tei` or `native`."""
+    if path.startswith(_OPENAI):
+        return "openai"
+    if path == "/v2" or path.startswith("/v2/"):
+        return "v2"
+    if path in _TEI:
+        return "tei"
+    return "native"
+
+
+def protocol_body(path: str, kind: str, message: str, status: int) -> dict:
+    """An error in the shape of the protocol `path` belongs to.
+
+    Ours and OpenAI's are `{"error": {"type", "message", ...}}` (OpenAI's adds `param` and `code`),
+    the Open Inference Protocol's is `{"error": message}`, text-embeddings-inference's
+    `{"error": message, "error_type": ...}`.
+    """
+    surface = surface_of(path)
+    if surface == "openai":
+        return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    if surface == "v2":
+        return {"error": message}
+    if surface == "tei":
+        return {"error": message, "error_type": _TEI_TYPES.get(status, "Backend")}
+    return error_body(kind, message)
+
+
 def _headers(exc: e.AdapterServeError, status: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     if isinstance(exc, e.QueueFull):
@@ -80,12 +114,14 @@ def _headers(exc: e.AdapterServeError, status: int) -> dict[str, str]:
     return headers
 
 
-def _domain_response(exc: e.AdapterServeError) -> JSONResponse:
+def _domain_response(path: str, exc: e.AdapterServeError) -> JSONResponse:
     status = status_of(exc)
     if status >= 500:
         log.warning("%s: %s", type(exc).__name__, exc.message)
     return JSONResponse(
-        error_body(_snake(type(exc).__name__), exc.message), status_code=status, headers=_headers(exc, status)
+        protocol_body(path, _snake(type(exc).__name__), exc.message, status),
+        status_code=status,
+        headers=_headers(exc, status),
     )
 
 
@@ -114,11 +150,12 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(e.AdapterServeError)
     async def _domain(request: Request, exc: e.AdapterServeError) -> JSONResponse:
-        return _domain_response(exc)
+        return _domain_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+        body = protocol_body(request.url.path, "invalid_request", _validation_message(exc), 422)
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -127,10 +164,12 @@ def install_handlers(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)
-        return JSONResponse(error_body(kind, message), status_code=exc.status_code, headers=headers or None)
+        body = protocol_body(request.url.path, kind, message, exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Never leak a traceback or a path to the client; the log has the details.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+        body = protocol_body(request.url.path, "internal_error", "internal server error", 500)
+        return JSONResponse(body, status_code=500)

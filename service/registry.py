@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cache import Adapter, DeviceSlots, HostCache, Key
-from service.decode import Decoder
+from service.decode import Decoder, task_kind
 from service.hypernets import TASKS, named_hypernetwork
 from service.metrics import Metrics
 from store.base import ArtifactStore, VersionInfo, validate_name
@@ -39,6 +39,8 @@ class TaskState:
     name: str
     current: int | None
     method: str | None = None
+    kind: str | None = None
+    """What the current version answers: classify, regress, embed or generate (once known)."""
     uid: int = field(default_factory=lambda: next(_uids))
     deleted: bool = False
     leases: Counter[int] = field(default_factory=Counter)
@@ -170,7 +172,7 @@ class Registry:
             sha256=art.info.sha256,
         )
         if version == state.current:
-            state.method = adapter.method
+            state.method, state.kind = adapter.method, task_kind(adapter.head)
         return adapter
 
     # -- management -----------------------------------------------------------------------------
@@ -261,7 +263,7 @@ class Registry:
             if not held:
                 self.host.release(adapter)
         old = state.current
-        state.current, state.method = adapter.version, adapter.method
+        state.current, state.method, state.kind = adapter.version, adapter.method, task_kind(adapter.head)
         self._sync_pins()
         if old is not None:
             log.info("task %s: version %d replaces %d", state.name, adapter.version, old)
@@ -399,8 +401,7 @@ class Registry:
         """Versions, current version, method and residency of a task."""
         state = self.state(task)
         infos = await asyncio.to_thread(self.store.list_versions, KIND, task)
-        if state.method is None and state.current is not None:
-            state.method = await asyncio.to_thread(self._method_of, task, state.current)
+        await self.describe(task)
         return {
             "task": task,
             "current_version": state.current,
@@ -422,11 +423,22 @@ class Registry:
             "in_flight": sum(state.leases.values()),
         }
 
-    def _method_of(self, task: str, version: int) -> str | None:
+    async def describe(self, task: str) -> tuple[str | None, str | None]:
+        """The current version's method and kind (read from its stored config the first time)."""
+        state = self.state(task)
+        if state.current is not None and (state.method is None or state.kind is None):
+            version = state.current
+            found = await asyncio.to_thread(self._describe, task, version)
+            if state.current == version:
+                state.method, state.kind = found
+        return state.method, state.kind
+
+    def _describe(self, task: str, version: int) -> tuple[str | None, str | None]:
         try:
-            return self.decoder.method_of(self.store.get(KIND, task, version).config_bytes)
+            raw = self.store.get(KIND, task, version).config_bytes
         except AdapterServeError:
-            return None
+            return None, None
+        return self.decoder.method_of(raw), self.decoder.kind_of(raw)
 
     def summary(self) -> list[dict]:
         """Every task with its current version and (when known) method."""

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.backbone import Backbone, load_backbone
@@ -15,7 +16,7 @@ from service.auth import KeyRing, load_or_create_admin_key
 from service.batcher import Batcher, Row
 from service.cache import DeviceSlots
 from service.decode import Decoder
-from service.engine import Engine, Work
+from service.engine import Embed, Encoded, Engine, Work
 from service.hypernets import Hypernetworks
 from service.metrics import Metrics, MetricsObserver
 from service.registry import Registry
@@ -33,7 +34,7 @@ from store.errors import (
 from store.local import LocalStore
 from store.safetensors_io import SafetensorsLimits
 
-__all__ = ["Service"]
+__all__ = ["Answer", "Service"]
 
 log = logging.getLogger(__name__)
 
@@ -270,25 +271,81 @@ class Service:
 
     # -- predict --------------------------------------------------------------------------------
 
-    async def predict(self, task: str, inputs: list, *, all_scores: bool, max_new_tokens: int | None):
-        """Run one request's inputs on the task's current version; returns (version, outputs)."""
+    def knows(self, task: str) -> bool:
+        """Whether `task` names a registered task or the backbone itself."""
+        return task == self.backbone.spec.name or self.registry.is_registered(task)
+
+    async def models(self) -> list[tuple[str, str | None]]:
+        """The backbone and every task with a current version, with what each answers."""
+        spec = self.backbone.spec
+        out: list[tuple[str, str | None]] = [(spec.name, "generate" if not spec.num_layers else "embed")]
+        for name in self.registry.names():
+            try:
+                _, kind = await self.registry.describe(name)
+            except AdapterServeError:  # deleted meanwhile
+                continue
+            out.append((name, kind))
+        return out
+
+    async def predict(
+        self,
+        task: str,
+        inputs: list,
+        *,
+        all_scores: bool = False,
+        max_new_tokens: int | None = None,
+        embed: Embed | None = None,
+    ) -> Answer:
+        """Run one request's inputs on the task's current version (or the backbone alone).
+
+        Inputs are strings, [text_a, text_b] pairs, or token-id lists (used as they are). With `embed`
+        the answer of every row is its sentence vector; an embedding task always answers so, pooled
+        and normalised as its head says.
+        """
         s = self.settings
         if len(inputs) > s.max_inputs:
             raise PayloadTooLarge(f"{len(inputs)} inputs; at most {s.max_inputs} per request")
         for x in inputs:
-            texts = (x,) if isinstance(x, str) else x
+            if isinstance(x, str):
+                texts = (x,)
+            elif x and isinstance(x[0], int):
+                self._check_ids(x)
+                continue
+            else:
+                texts = x
             if any(len(t) > s.max_input_chars for t in texts):
                 raise PayloadTooLarge(f"an input is longer than {s.max_input_chars} characters")
         deadline = time.monotonic() + s.request_timeout_s
-        lease = self.registry.lease(task)
+        bare = task == self.backbone.spec.name
+        lease = None if bare else self.registry.lease(task)
         try:
-            try:
-                async with asyncio.timeout(s.request_timeout_s):
-                    adapter = await self.registry.ready(lease)
-            except TimeoutError:
-                self.metrics.rejected.labels(reason="deadline").inc()
-                raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
-            generates = adapter.head is None
+            if lease is None:
+                adapter, version = None, 0
+                if embed is not None:
+                    pooling = self.backbone.pooling
+                    embed = Embed(pooling=pooling.mode, normalize=pooling.normalize)
+                elif not self.backbone.generative:
+                    raise InvalidRequest(
+                        f"{task!r} is the backbone itself: it has no head to predict with; ask it for "
+                        "embeddings, or name a task"
+                    )
+            else:
+                version = lease.version
+                try:
+                    async with asyncio.timeout(s.request_timeout_s):
+                        adapter = await self.registry.ready(lease)
+                except TimeoutError:
+                    self.metrics.rejected.labels(reason="deadline").inc()
+                    raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
+                head = adapter.head
+                if head is not None and head.type == "embedding":
+                    embed = Embed(pooling=head.pooling, normalize=head.normalize)
+                elif embed is not None:
+                    if head is None:
+                        raise InvalidRequest(f"task {task!r} generates text; it has no sentence embedding")
+                    # A task with a head embeds with its adapter, pooled as its head reads the encoder.
+                    embed = Embed(pooling=head.pooling, normalize=True)
+            generates = embed is None and (adapter is None or adapter.head is None)
             if generates and any(not isinstance(x, str) for x in inputs):
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
             n_new = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
@@ -302,13 +359,21 @@ class Service:
                 await self.pause(min(exc.retry_after, s.refusal_pause_ms / 1000))
                 raise
             try:
-                encoded = await self.engine.tokenize(inputs)
+                encoded = await self._encode(
+                    inputs, max_tokens=self.backbone.pooling.max_tokens if bare else None
+                )
                 rows = [
                     Row(
                         task=task,
-                        version=lease.version,
+                        version=version,
                         length=len(e.ids),
-                        payload=Work(adapter=adapter, encoded=e, all_scores=all_scores, max_new_tokens=n_new),
+                        payload=Work(
+                            adapter=adapter,
+                            encoded=e,
+                            all_scores=all_scores,
+                            max_new_tokens=n_new,
+                            embed=embed,
+                        ),
                     )
                     for e in encoded
                 ]
@@ -320,7 +385,37 @@ class Service:
                 if isinstance(r, BaseException):
                     raise r
             label = self.metrics.task_label(task, registered=True)
-            self.metrics.tokens.labels(task=label).inc(sum(len(e.ids) for e in encoded))
-            return lease.version, results
+            tokens = sum(len(e.ids) for e in encoded)
+            self.metrics.tokens.labels(task=label).inc(tokens)
+            return Answer(version=version, outputs=results, tokens=tokens)
         finally:
-            self.registry.release(lease)
+            if lease is not None:
+                self.registry.release(lease)
+
+    def _check_ids(self, ids: list) -> None:
+        """Token ids sent in place of text: ints of the vocabulary, within the input limit."""
+        vocab = self.backbone.spec.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"token ids must be integers in [0, {vocab})")
+        if len(ids) > self.engine.max_input_tokens:
+            raise InvalidRequest(f"{len(ids)} tokens; at most {self.engine.max_input_tokens} per input")
+
+    async def _encode(self, inputs: list, *, max_tokens: int | None) -> list[Encoded]:
+        """Tokenize the text inputs; token-id inputs pass as they are."""
+        texts = [x for x in inputs if isinstance(x, str) or not x or not isinstance(x[0], int)]
+        done = iter(await self.engine.tokenize(texts, max_tokens=max_tokens) if texts else [])
+        return [
+            next(done)
+            if isinstance(x, str) or not x or not isinstance(x[0], int)
+            else Encoded(ids=list(x), types=None)
+            for x in inputs
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request's outputs, all from one adapter version (0: the backbone alone), and its tokens."""
+
+    version: int
+    outputs: list
+    tokens: int

@@ -160,6 +160,6 @@ class BackboneInfo(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """`{"error": {"type", "message"}}`."""
+    """`{"error": {"type", "message"}}` (OpenAI routes add `param` and `code`, which may be null)."""
 
-    error: dict[str, str]
+    error: dict[str, str | None]
