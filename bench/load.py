@@ -106,6 +106,13 @@ class Load:
         bodies = [json.dumps({"inputs": rng.sample(list(texts), inputs)}) for _ in range(512)]
         return cls(paths=[f"/v1/tasks/{t}/predict" for t in tasks], bodies=bodies, seed=seed)
 
+    @classmethod
+    def embeddings(cls, *, models: Sequence[str], texts: Sequence[str], seed: int = 0) -> Load:
+        """OpenAI's embeddings route: a random task (the body's `model`) and one random sentence."""
+        rng = random.Random(seed)
+        bodies = [json.dumps({"model": rng.choice(models), "input": rng.choice(texts)}) for _ in range(512)]
+        return cls(paths=["/v1/embeddings"], bodies=bodies, seed=seed)
+
     def lua(self) -> str:
         """The wrk script that sends this load and prints one `WRK-JSON {...}` line when done."""
         return _LUA % {
