@@ -43,7 +43,7 @@ THREADS = 2
 
 def _hypernetwork(spec):
     from adapters.hypernet import Hypernetwork
-    from adapters.train_hyper import init_hypernetwork
+    from adapters.training.hyper import init_hypernetwork
     from store.artifact import parse_config
 
     cfg = parse_config({"method": "hypernetwork", "backbone_fingerprint": spec.fingerprint})

@@ -5,7 +5,7 @@
         [--out docs/results.md] [--json results.json]
 
 Each row trains one method on the frozen bundled MiniLM-L6 (or, for `full`, fine-tunes all of it)
-with `adapters.train.train`: the same seeded training subset, length, batch size, epochs and seed
+with `adapters.training.trainer.train`: the same seeded training subset, length, batch size, epochs and seed
 for every row of a task, each method at its own default learning rate (`DEFAULT_LR`). The score is
 the best per-epoch dev score (the checkpoint the trainer keeps), evaluated through the serving
 forward. Every finished row is written at once, so an interrupted run leaves a table labelled
@@ -48,7 +48,7 @@ ROW_NAMES = {
 }
 """Row labels: each method with the default hyperparameters (`METHOD_DEFAULTS`) it trains with."""
 HYPER_METHODS = ("hyper_multi", "hyper_new")
-"""Rows from a hypernetwork: generated bottleneck adapters (`adapters.train_hyper`), not per-task ones."""
+"""Rows from a hypernetwork: generated bottleneck adapters (`adapters.training.hyper`), not per-task ones."""
 HYPER_REFERENCE = "bottleneck"
 """The per-task adapter the hypernetwork rows are judged against: both are Houlsby-style bottlenecks."""
 
@@ -66,7 +66,7 @@ def _metric_cell(scores: dict, metrics: tuple[str, ...]) -> str:
 
 def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     """The markdown of docs/results.md from the rows measured so far."""
-    from adapters.data import GLUE_TASKS
+    from adapters.training.data import GLUE_TASKS
 
     out = ["# Quality: adapter methods against full fine-tuning (GLUE dev, MiniLM-L6)", ""]
     if not complete:
@@ -89,7 +89,7 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
         + "".join(f" ({t}: {n})" for t, n in (config.get("max_length_for") or {}).items())
         + f", batch size {config['batch_size']}, linear warm-up over "
         f"{int(100 * config['warmup'])}% of the steps then linear decay, seed {config['seed']}, "
-        "each method at its default learning rate (`adapters.train.DEFAULT_LR`)"
+        "each method at its default learning rate (`adapters.training.trainer.DEFAULT_LR`)"
         + (
             " except " + ", ".join(f"{m} at {lr:g}" for m, lr in config["lr_for"].items())
             if config.get("lr_for")
@@ -258,7 +258,7 @@ def _baseline(task) -> dict[str, float]:
     """The trivial baseline on dev: the full training set's majority class, or its mean target."""
     import numpy as np
 
-    from adapters.data import compute_metrics
+    from adapters.training.data import compute_metrics
 
     if task.kind == "regression":
         golds = np.array([float(e.label) for e in task.dev])
@@ -315,7 +315,7 @@ def _names(text: str) -> list[str]:
 
 
 def _steps(n_examples: int, *, epochs: float, batch_size: int) -> int:
-    """Optimizer steps of a single-task row (as `adapters.train` counts them)."""
+    """Optimizer steps of a single-task row (as `adapters.training.trainer` counts them)."""
     return max(1, math.ceil(epochs * math.ceil(n_examples / batch_size)))
 
 
@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     setup(threads=args.threads, seed=args.seed)
 
     from adapters.backbone import load_backbone
-    from adapters.data import load_glue
-    from adapters.train import TrainOptions, train
+    from adapters.training.data import load_glue
+    from adapters.training.trainer import TrainOptions, train
 
     tasks = _names(args.tasks)
     methods = _names(args.methods)
@@ -535,7 +535,7 @@ def _hyper_rows(hyper_tasks, hyper_new, *, task_data, budget_of, options, reused
     to its own row's steps (so each sees about as many batches as it would alone).
     """
     from adapters.backbone import load_backbone
-    from adapters.train_hyper import train_hyper, train_task_embedding, write_hyper_artifacts
+    from adapters.training.hyper import train_hyper, train_task_embedding, write_hyper_artifacts
 
     shapes = {(budget_of(t)["train_examples"], budget_of(t)["max_length"]) for t in hyper_tasks}
     if len(shapes) > 1:

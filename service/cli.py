@@ -140,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.set_defaults(func=_upload)
     # the model-side commands register themselves; their heavy imports happen only when run
     from adapters.formats import add_import_parser
-    from adapters.train_cli import add_train_parser
-    from adapters.train_hyper_cli import add_train_hyper_parser
+    from adapters.training.cli import add_train_hyper_parser, add_train_parser
 
     add_train_parser(sub)
     add_train_hyper_parser(sub)

@@ -1,7 +1,9 @@
-"""`adapterserve train`: the command line of the single-adapter trainer (`adapters.train`).
+"""The training command lines: `adapterserve train` (one adapter, or a new task of a hypernetwork)
+and `adapterserve train-hyper` (a hypernetwork over several tasks).
 
 adapterserve train --glue SST-2 --method lora --out out/sst2 [--upload URL]
-python -m adapters.train_cli ...        # the same, without the service's CLI
+adapterserve train-hyper --glue SST-2,MRPC --out out/glue
+python -m adapters.training.cli ...        # `adapterserve train ...`, without the service's CLI
 """
 
 from __future__ import annotations
@@ -10,14 +12,34 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from adapters.data import Example, TaskData
-from adapters.train import FULL, TrainOptions, train, upload, write_artifact
+from adapters.training.data import Example, TaskData
+from adapters.training.export import upload, write_artifact
+from adapters.training.hyper import (
+    HYPER_DEFAULTS,
+    HYPER_LR,
+    load_hypernetwork,
+    train_hyper,
+    train_task_embedding,
+    write_hyper_artifacts,
+)
+from adapters.training.trainer import FULL, TrainOptions, train
 
-__all__ = ["add_budget_arguments", "add_train_parser", "main", "options_from_args", "run_train", "task_data"]
+__all__ = [
+    "add_budget_arguments",
+    "add_train_hyper_parser",
+    "add_train_parser",
+    "main",
+    "options_from_args",
+    "run_train",
+    "run_train_hyper",
+    "run_train_task",
+    "task_data",
+]
 
 
 def _value(text: str):
@@ -98,9 +120,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=[*sorted(METHODS), FULL], help="adapter method, or 'full' (required)")
-    from adapters.train_hyper_cli import add_hypernetwork_option
-
-    add_hypernetwork_option(m)
+    m.add_argument(
+        "--hypernetwork",
+        metavar="NAME_OR_DIR",
+        help="train only a task embedding (+ head) for this frozen hypernetwork (a directory, or a name "
+        "in $ADAPTERSERVE_STORE or examples/hypernetworks/); --method is then not needed",
+    )
     m.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a method hyperparameter (JSON value)")
     m.add_argument("--rank", type=int, help="LoRA rank r")
     m.add_argument("--alpha", type=float, help="LoRA alpha")
@@ -148,7 +173,7 @@ def renamed(task: TaskData, names: str | None) -> TaskData:
 
 def task_data(args: argparse.Namespace) -> TaskData:
     """The training (and dev) examples the data flags name: a GLUE task or CSV/TSV/JSONL files."""
-    from adapters.data import infer_task, load_glue, read_examples
+    from adapters.training.data import infer_task, load_glue, read_examples
 
     if args.glue:
         return renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
@@ -208,14 +233,11 @@ def run_train(args: argparse.Namespace) -> int:
     from adapters.backbone import load_backbone
 
     if getattr(args, "hypernetwork", None):
-        from adapters.train_hyper_cli import run_train_task
-
         return run_train_task(args)
     if args.method is None:
         print("adapterserve train: give --method (or --hypernetwork NAME_OR_DIR)", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     if args.method != FULL and not args.out and not args.upload:
         print("adapterserve train: give --out DIR (and/or --upload URL) for the artifact", file=sys.stderr)
         return 2
@@ -254,8 +276,160 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- hypernetworks ----------------------------------------------------------------------------------
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("budget")
+    add_budget_arguments(
+        t,
+        lr_help=f"default {HYPER_LR} x 64 / projected dim",
+        epochs_help="passes over all tasks' examples",
+        each="per task: ",
+    )
+    t.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
+    t.add_argument("--backbone", help="backbone directory (default: $ADAPTERSERVE_BACKBONE or MiniLM-L6)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--glue-dir", type=Path, help="GLUE directory (default: $ADAPTERSERVE_GLUE_DIR)")
+    t.add_argument("--no-progress", action="store_true")
+
+
+def add_train_hyper_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `train-hyper` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "train-hyper",
+        help="train a Hyperformer hypernetwork, task embeddings and heads over several GLUE tasks",
+        description="Multi-task training of a shared hypernetwork; writes a seed-directory layout: "
+        "OUT/hypernetworks/NAME/ and OUT/<task>/ per task.",
+    )
+    p.add_argument("--glue", required=True, help="comma-separated GLUE tasks, e.g. SST-2,MRPC,CoLA,STS-B")
+    p.add_argument("--out", type=Path, required=True, help="output directory (a seed directory layout)")
+    p.add_argument("--name", default="glue", help="hypernetwork name (tasks refer to it)")
+    p.add_argument("--temperature", type=float, default=1.0, help="task sampling ~ size ** (1 / T)")
+    p.add_argument(
+        "--label-names",
+        action="append",
+        default=[],
+        metavar="TASK=NAMES",
+        help="names a task's head gives its labels, in their order, e.g. SST-2=negative,positive (repeatable)",
+    )
+    h = p.add_argument_group("hypernetwork")
+    h.add_argument("--variant", choices=("hyperformer++", "hyperformer"), default="hyperformer++")
+    h.add_argument("--bottleneck-dim", type=int, default=HYPER_DEFAULTS["bottleneck_dim"])
+    h.add_argument("--sites", nargs="+", default=HYPER_DEFAULTS["sites"], help="sublayers adapted")
+    for opt in (
+        "task-embedding-dim",
+        "layer-embedding-dim",
+        "site-embedding-dim",
+        "hidden-dim",
+        "projected-dim",
+    ):
+        h.add_argument(f"--{opt}", type=int, help="(default: the schema's)")
+    _budget_args(p)
+    p.set_defaults(func=run_train_hyper)
+    return p
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def run_train_hyper(args: argparse.Namespace) -> int:
+    """Entry of `adapterserve train-hyper`."""
+    import os
+
+    from adapters.backbone import load_backbone
+    from adapters.training.data import load_glue
+
+    _threads(args)
+    try:
+        tasks = [load_glue(n.strip(), root=args.glue_dir) for n in args.glue.split(",") if n.strip()]
+        known = {t.name.lower() for t in tasks}
+        names = {}
+        for item in args.label_names:
+            task, sep, labels = item.partition("=")
+            if not sep or task.lower() not in known:
+                raise ValueError(f"--label-names {item!r}: expected TASK=NAMES for one of the --glue tasks")
+            names[task.lower()] = labels
+        tasks = [renamed(t, names.get(t.name.lower())) for t in tasks]
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve train-hyper: {exc}", file=sys.stderr)
+        return 2
+    hyper = {"variant": args.variant, "bottleneck_dim": args.bottleneck_dim, "sites": args.sites}
+    for key in (
+        "task_embedding_dim",
+        "layer_embedding_dim",
+        "site_embedding_dim",
+        "hidden_dim",
+        "projected_dim",
+    ):
+        if getattr(args, key) is not None:
+            hyper[key] = getattr(args, key)
+    backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
+    result = train_hyper(
+        backbone,
+        tasks,
+        name=args.name,
+        hyper=hyper,
+        options=options_from_args(args),
+        temperature=args.temperature,
+    )
+    write_hyper_artifacts(args.out, result, name=args.name)
+    report = {
+        "hypernetwork": args.name,
+        "tasks": {t.name: t.dev for t in result.tasks},
+        "mean_score": result.mean_score,
+        "hypernetwork_params": sum(v.numel() for v in result.tensors.values()),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "artifacts": str(args.out),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_train_task(args: argparse.Namespace) -> int:
+    """Entry of `adapterserve train --hypernetwork ...`: a new task's embedding and head only."""
+    import os
+
+    from adapters.backbone import load_backbone
+
+    _threads(args)
+    if not args.out:
+        print("adapterserve train: give --out DIR for the task artifact", file=sys.stderr)
+        return 2
+    try:
+        task = task_data(args)
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve train: {exc}", file=sys.stderr)
+        return 2
+    backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
+    try:
+        name, net = load_hypernetwork(args.hypernetwork, backbone=backbone)
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve train: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    result = train_task_embedding(
+        backbone, task, hypernetwork=net, name=name, options=options_from_args(args)
+    )
+    write_artifact(args.out, result.config, result.tensors)
+    report = {
+        "task": task.name,
+        "method": "hyperformer",
+        "hypernetwork": name,
+        "dev": result.dev,
+        "trainable_params": sum(v.numel() for v in result.tensors.values()),
+        "seconds": round(time.perf_counter() - started, 1),
+        "artifact": str(args.out),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adapters.train_cli ...`: the same as `adapterserve train ...`."""
+    """`python -m adapters.training.cli ...`: the same as `adapterserve train ...`."""
     parser = argparse.ArgumentParser(prog="adapterserve")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -29,10 +29,11 @@ __all__ = [
     "infer_task",
     "load_glue",
     "read_examples",
+    "subset",
     "tokenize",
 ]
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,14 @@ def load_glue(name: str, *, root: Path | None = None) -> TaskData:
         )
     kind = "regression" if task.regression else "classification"
     return TaskData(key, split["train"], split["dev"], kind, list(task.labels), task.metrics)
+
+
+def subset(examples: list, limit: int | None, generator: torch.Generator) -> list:
+    """A seeded random subset of at most `limit` examples, in their original order."""
+    if limit is None or limit >= len(examples):
+        return examples
+    idx = torch.randperm(len(examples), generator=generator)[:limit].sort().values.tolist()
+    return [examples[i] for i in idx]
 
 
 # -- tokenization and batches ------------------------------------------------------------------

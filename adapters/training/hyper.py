@@ -6,7 +6,7 @@
 Multi-task training learns the hypernetwork, one task embedding and one head per task jointly:
 each step draws one task, with probability proportional to `n_task ** (1 / temperature)`
 (temperature 1: proportional to size; larger flattens towards uniform), generates that task's
-adapters with gradients and binds them to slot 1 of the serving model (as `adapters.train`
+adapters with gradients and binds them to slot 1 of the serving model (as `adapters.training.trainer`
 does), so training runs the exact serving forward. `train_task_embedding` keeps a trained
 hypernetwork frozen and learns only a new task's embedding (and head).
 
@@ -29,11 +29,20 @@ from tqdm import tqdm
 
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear
-from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
 from adapters.hypernet import Hypernetwork
 from adapters.methods.base import common_entries
 from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import TrainOptions, write_artifact
+from adapters.training.data import (
+    Batches,
+    Dataset,
+    TaskData,
+    baseline_metrics,
+    compute_metrics,
+    subset,
+    tokenize,
+)
+from adapters.training.export import write_artifact
+from adapters.training.trainer import TrainOptions
 from store.artifact import HypernetworkConfig, expected_tensors, hypernetwork_tensors, parse_config
 from store.base import is_valid_name
 from store.safetensors_io import SafetensorsLimits, load_arrays, write_safetensors
@@ -219,13 +228,12 @@ class _Task:
 
 
 def _prepare(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: int, opts: TrainOptions, g):
-    from adapters.train import _subset  # the seeded subset the single-adapter trainer uses
 
     tok = backbone.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
-    train = tokenize(tok, _subset(task.train, opts.max_train_examples, g), **enc)
-    dev = tokenize(tok, _subset(task.dev, opts.max_dev_examples, g), **enc)
+    train = tokenize(tok, subset(task.train, opts.max_train_examples, g), **enc)
+    dev = tokenize(tok, subset(task.dev, opts.max_dev_examples, g), **enc)
     config = _task_config(task, backbone, hypernetwork=hypernetwork, dim=dim, opts=opts)
     mean = float(train.targets.float().mean()) if task.kind == "regression" else 0.0
     dev_ = {"device": backbone.device, "dtype": backbone.dtype}

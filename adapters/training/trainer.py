@@ -2,7 +2,7 @@
 
     backbone = load_backbone(device="cpu")
     result = train(backbone, load_glue("SST-2"), method="lora", options=TrainOptions(epochs=2))
-    write_artifact("out/sst2", result.config, result.tensors)
+    write_artifact("out/sst2", result.config, result.tensors)      # adapters.training.export
 
 The model is a two-slot MultiTaskModel: every step binds the trainable tensors to slot 1
 (`MultiTaskModel.bind`), so training runs the exact forward that serving runs and the written
@@ -13,11 +13,9 @@ measure against, which writes no artifact.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +24,21 @@ from tqdm import tqdm
 
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear
-from adapters.data import Batches, Dataset, TaskData, baseline_metrics, compute_metrics, tokenize
 from adapters.heads import decode_row
 from adapters.methods import get_method
 from adapters.methods.base import is_norm_tensor
-from adapters.methods.prefix import collapse_prefix_mlp
 from adapters.model import BankConfig, MultiTaskModel
+from adapters.training.data import (
+    Batches,
+    Dataset,
+    TaskData,
+    baseline_metrics,
+    compute_metrics,
+    subset,
+    tokenize,
+)
+from adapters.training.prefix import PrefixMLP
 from store.artifact import expected_tensors, parse_config
-from store.safetensors_io import write_safetensors
 
 __all__ = [
     "DEFAULT_LR",
@@ -45,8 +50,6 @@ __all__ = [
     "init_tensors",
     "predict",
     "train",
-    "upload",
-    "write_artifact",
 ]
 
 METHOD_DEFAULTS: dict[str, dict] = {
@@ -259,33 +262,6 @@ def init_tensors(
     return {k: v.float() for k, v in out.items()}
 
 
-class _PrefixMLP(nn.Module):
-    """Li & Liang's reparameterisation: prefixes = MLP(embedding), collapsed away after training."""
-
-    def __init__(self, *, length: int, hidden: int, mid: int, layers: int, inner: int, generator) -> None:
-        super().__init__()
-        self.layers, self.inner = layers, inner
-        self.embedding = nn.Parameter(torch.randn(length, hidden, generator=generator))
-        self.mlp = nn.Sequential(nn.Linear(hidden, mid), nn.Tanh(), nn.Linear(mid, layers * 2 * inner))
-        for lin in (self.mlp[0], self.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02, generator=generator)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self) -> dict[str, torch.Tensor]:
-        """Per-layer prefix tensors under their artifact names."""
-        flat = self.mlp(self.embedding).view(self.embedding.shape[0], self.layers, 2, self.inner)
-        return {
-            f"encoder.{i}.attn.prefix.{kv}": flat[:, i, j]
-            for i in range(self.layers)
-            for j, kv in enumerate(("key", "value"))
-        }
-
-    def collapse(self) -> dict[str, torch.Tensor]:
-        """The prefixes the MLP computes, once (serving needs nothing else)."""
-        flat = collapse_prefix_mlp(self.embedding, self.mlp, num_layers=self.layers, inner=self.inner)
-        return {f"encoder.{k.replace('.', '.attn.prefix.', 1)}": v.clone() for k, v in flat.items()}
-
-
 def _head_logits(out, config) -> torch.Tensor:
     return out.logits[:, : config.head.num_outputs]
 
@@ -335,13 +311,6 @@ def predict(
     return [decode_row(row, kind=config.head.type, labels=config.head.labels) for row in logits]
 
 
-def _subset(examples: list, limit: int | None, generator: torch.Generator) -> list:
-    if limit is None or limit >= len(examples):
-        return examples
-    idx = torch.randperm(len(examples), generator=generator)[:limit].sort().values.tolist()
-    return [examples[i] for i in idx]
-
-
 def _schedule(step: int, *, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -368,8 +337,8 @@ def train(
     g = torch.Generator().manual_seed(opts.seed)
     tok = backbone.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train_ex = _subset(task.train, opts.max_train_examples, g)
-    dev_ex = _subset(task.dev, opts.max_dev_examples, g)
+    train_ex = subset(task.train, opts.max_train_examples, g)
+    dev_ex = subset(task.dev, opts.max_dev_examples, g)
     enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
     train_data, dev_data = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
     target_mean = float(train_data.targets.float().mean()) if task.kind == "regression" else 0.0
@@ -387,7 +356,7 @@ def train(
     reparam = None
     if opts.prefix_mlp and config.method in ("prefix", "mam"):
         spec = backbone.spec
-        reparam = _PrefixMLP(
+        reparam = PrefixMLP(
             length=config.prefix_length,
             hidden=spec.hidden_size,
             mid=opts.prefix_mlp,
@@ -520,54 +489,3 @@ def _metadata(task: TaskData, *, method: str, opts: TrainOptions, lr: float, ste
         meta["dev_metric"] = "+".join(task.metrics)
         meta |= {f"dev_{k}": round(v, 6) for k, v in dev.items()}
     return meta
-
-
-def write_artifact(directory: str | Path, config, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `adapter_config.json` and `adapter.safetensors` (float32) into a directory."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
-    tmp = out / ".adapter.safetensors.tmp"
-    write_safetensors(tmp, arrays)
-    tmp.replace(out / "adapter.safetensors")
-    text = json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
-    tmp = out / ".adapter_config.json.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / "adapter_config.json")
-    return out
-
-
-def upload(directory: str | Path, *, url: str, task: str, key: str | None = None) -> dict:
-    """POST an artifact directory to a server as a new version of `task`; returns the server's answer.
-
-    This is `train --upload`: a refused or failed upload exits (SystemExit, status 1) with the
-    server's reason and where the artifact is kept, never with a traceback.
-    """
-    import httpx
-
-    d = Path(directory)
-    target = url.rstrip("/")
-    if "/v1/adapters/" not in target:
-        target = f"{target}/v1/adapters/{task}"
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    kept = f"the artifact is kept in {d} (adapterserve upload {task} {d} sends it again)"
-    config = (d / "adapter_config.json").read_bytes()
-    try:
-        with open(d / "adapter.safetensors", "rb") as weights:
-            files = {
-                "config": ("adapter_config.json", config, "application/json"),
-                "weights": ("adapter.safetensors", weights, "application/octet-stream"),
-            }
-            resp = httpx.post(target, files=files, headers=headers, timeout=120.0)
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"adapterserve train: could not upload to {target}: {exc}; {kept}") from None
-    if not resp.is_success:
-        try:
-            error = resp.json()["error"]
-            reason = f"{error['type']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            reason = resp.text[:300]
-        raise SystemExit(
-            f"adapterserve train: {target} refused the upload of {task!r}: {resp.status_code} {reason}; {kept}"
-        )
-    return resp.json()

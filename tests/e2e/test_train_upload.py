@@ -18,10 +18,10 @@ import torch
 from e2e_support import ADMIN, REPO, assert_close
 
 from adapters.backbone import load_backbone
-from adapters.data import Example, tokenize
 from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import predict
-from adapters.train_cli import main
+from adapters.training.cli import main
+from adapters.training.data import Example, tokenize
+from adapters.training.trainer import predict
 from store.artifact import parse_config
 from store.safetensors_io import SafetensorsLimits, load_arrays
 
@@ -52,7 +52,7 @@ def write_csv(path: Path, examples: list[Example]) -> Path:
 
 
 def trainer_outputs(backbone_dir: Path, artifact: Path, texts: list[str]) -> list[dict]:
-    """The trainer's own predictions (`adapters.train.predict`) with the written artifact."""
+    """The trainer's own predictions (`adapters.training.trainer.predict`) with the written artifact."""
     config = parse_config((artifact / "adapter_config.json").read_bytes())
     arrays = load_arrays(artifact / "adapter.safetensors", limits=SafetensorsLimits())
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -106,7 +106,7 @@ def test_a_refused_train_upload_exits_non_zero_with_the_reason_and_stores_nothin
     argv += ["--out", str(out), "--task", "reviews", "--upload", server.url, "--key", "not-the-admin-key"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERSERVE_")} | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "adapters.train_cli", *argv],
+        [sys.executable, "-m", "adapters.training.cli", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -107,5 +107,5 @@ def test_resume_reuses_a_row_only_under_the_same_budget(tmp_path):
 
 @pytest.mark.parametrize(("n", "epochs", "expected"), [(2000, 2.0, 126), (2490, 3.0, 234), (8, 1.0, 1)])
 def test_steps_count_like_the_trainer(n, epochs, expected):
-    """Joint-run budgets add up the single-task runs' steps, counted as `adapters.train` counts them."""
+    """Joint-run budgets add up the single-task runs' steps, counted as `adapters.training.trainer` counts them."""
     assert _steps(n, epochs=epochs, batch_size=32) == expected

@@ -20,7 +20,10 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import BertTokenizerFast
 
 from adapters.backbone import Backbone, load_backbone
-from adapters.data import (
+from adapters.methods import METHODS
+from adapters.model import BankConfig, MultiTaskModel
+from adapters.training.cli import main
+from adapters.training.data import (
     GLUE_TASKS,
     Batches,
     Example,
@@ -32,10 +35,8 @@ from adapters.data import (
     read_examples,
     tokenize,
 )
-from adapters.methods import METHODS
-from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import TrainOptions, predict, train, write_artifact
-from adapters.train_cli import main
+from adapters.training.export import write_artifact
+from adapters.training.trainer import TrainOptions, predict, train
 from service.app import create_app
 from service.settings import Settings
 from store.artifact import parse_config

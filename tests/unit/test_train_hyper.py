@@ -10,15 +10,15 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from adapters.backbone import Backbone, load_backbone
-from adapters.data import Example, TaskData, glue_dir, load_glue
 from adapters.model import BankConfig, MultiTaskModel
-from adapters.train import TrainOptions
-from adapters.train_hyper import (
+from adapters.training.data import Example, TaskData, glue_dir, load_glue
+from adapters.training.hyper import (
     load_hypernetwork,
     train_hyper,
     train_task_embedding,
     write_hyper_artifacts,
 )
+from adapters.training.trainer import TrainOptions
 from store.artifact import expected_tensors, parse_config
 from store.safetensors_io import SafetensorsLimits, load_arrays
 
@@ -203,7 +203,7 @@ def test_command_line_registers_both_entry_points():
 
 def test_the_default_learning_rate_scales_with_the_conditioning_width():
     """Generated weights move about lr * projected_dim per step, so the default keeps that product."""
-    from adapters.train_hyper import HYPER_LR, default_lr
+    from adapters.training.hyper import HYPER_LR, default_lr
 
     def config(width: int):
         return parse_config({"method": "hypernetwork", "backbone_fingerprint": "x", "projected_dim": width})
