@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from adapters.backbone import Backbone
+from service.docs import install_docs
 from service.errors import install_handlers
 from service.routes import install_routes
 from service.runtime import Service
@@ -42,8 +43,12 @@ def create_app(
         version="0.1.0",
         summary="One frozen backbone, many hot-swapped adapters, mixed-task batches.",
         lifespan=lifespan,
+        # Built by install_docs on local assets: FastAPI's own pages load them from public CDNs.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     install_handlers(app)
     install_routes(app)
+    install_docs(app)
     return app
