@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path, Query
+from pydantic import BaseModel
 
 from service.schemas import ErrorBody
 
@@ -65,9 +66,9 @@ ADMIN = (401, 403)
 """Codes of every route guarded by an admin key."""
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=` for error codes, each with the API's error body."""
-    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+def errors(*codes: int, body: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for error codes, each with the error body of the route's protocol."""
+    return {code: {"model": body, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
 HEALTH_503: dict[int | str, dict[str, Any]] = {

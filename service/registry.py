@@ -21,6 +21,7 @@ from service.cache import Adapter, DeviceSlots, HostCache, Key
 from service.decode import Decoder, task_kind
 from service.hypernets import TASKS, named_hypernetwork
 from service.metrics import Metrics
+from store.artifact import HeadConfig, parse_config
 from store.base import ArtifactStore, VersionInfo, validate_name
 from store.errors import AdapterServeError, NotFound, SlotsExhausted, VersionConflict
 
@@ -439,6 +440,15 @@ class Registry:
         except AdapterServeError:
             return None, None
         return self.decoder.method_of(raw), self.decoder.kind_of(raw)
+
+    async def head(self, task: str) -> tuple[int, HeadConfig | None]:
+        """The current version and its head (None: a generative task), read from the stored config."""
+        state = self.state(task)
+        version = state.current
+        if version is None:
+            raise NotFound(f"task {task!r} has no current version; PUT /v1/adapters/{task}/current first")
+        raw = await asyncio.to_thread(self.store.get_config, KIND, task, version)
+        return version, parse_config(raw).head
 
     def summary(self) -> list[dict]:
         """Every task with its current version and (when known) method."""
