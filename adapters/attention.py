@@ -46,8 +46,21 @@ class PrefixBank(_Bank):
             raise ValueError(f"prefix length {n} exceeds the bank's maximum {self.max_len}")
         return {"key": key, "value": value}, {"length": n}
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor, mask, position_bias, *, causal: bool):
-        """Prepend the rows' prefixes to head-split keys/values `[B, nh, T, d]`; extend mask and bias."""
+    def extend(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask,
+        position_bias,
+        *,
+        causal: bool,
+        queries: int | None = None,
+    ):
+        """Prepend the rows' prefixes to head-split keys/values `[B, nh, T, d]`; extend mask and bias.
+
+        `queries` is the query length; without a mask it tells a cached decoding step (fewer queries than
+        keys) from a full forward.
+        """
         rt = self.router
         lens = self.length[rt.slots_np]
         n = int(lens.max())
@@ -64,7 +77,7 @@ class PrefixBank(_Bank):
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
         valid = torch.as_tensor(np.arange(n)[None, :] < lens[:, None], device=key.device)  # [B, n]
-        tq = mask.shape[-2] if mask is not None and mask.dim() == 4 else None
+        tq = mask.shape[-2] if mask is not None and mask.dim() == 4 else queries
         mask = _extend_mask(mask, valid, tk=tk, causal=causal, tq=tq)
         if position_bias is not None:
             pad = position_bias.new_zeros(*position_bias.shape[:-1], n)
@@ -106,7 +119,9 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     if bank is not None and bank.active():
         pb = kwargs.pop("position_bias", None)
         causal = bool(getattr(module, "is_causal", False)) and kwargs.get("is_causal", True) is not False
-        key, value, attention_mask, pb = bank.extend(key, value, attention_mask, pb, causal=causal)
+        key, value, attention_mask, pb = bank.extend(
+            key, value, attention_mask, pb, causal=causal, queries=query.shape[-2]
+        )
         if pb is not None:
             kwargs["position_bias"] = pb
         kwargs["is_causal"] = False
