@@ -42,6 +42,8 @@ class TaskState:
     method: str | None = None
     kind: str | None = None
     """What the current version answers: classify, regress, embed or generate (once known)."""
+    head: tuple[int, HeadConfig | None] | None = None
+    """A version and its head, as `Registry.head` last read them."""
     uid: int = field(default_factory=lambda: next(_uids))
     deleted: bool = False
     leases: Counter[int] = field(default_factory=Counter)
@@ -442,13 +444,17 @@ class Registry:
         return self.decoder.method_of(raw), self.decoder.kind_of(raw)
 
     async def head(self, task: str) -> tuple[int, HeadConfig | None]:
-        """The current version and its head (None: a generative task), read from the stored config."""
+        """The current version and its head (None: a generative task), read from its stored config once."""
         state = self.state(task)
         version = state.current
         if version is None:
             raise NotFound(f"task {task!r} has no current version; PUT /v1/adapters/{task}/current first")
-        raw = await asyncio.to_thread(self.store.get_config, KIND, task, version)
-        return version, parse_config(raw).head
+        # A stored version never changes, so its head is read once; a new current version reads again.
+        cached = state.head
+        if cached is None or cached[0] != version:
+            raw = await asyncio.to_thread(self.store.get_config, KIND, task, version)
+            cached = state.head = (version, parse_config(raw).head)
+        return cached
 
     def summary(self) -> list[dict]:
         """Every task with its current version and (when known) method."""

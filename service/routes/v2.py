@@ -146,18 +146,21 @@ def _backbone_kind(svc: Service) -> str:
     return "embed" if svc.backbone.spec.num_layers else "generate"
 
 
-async def _model(svc: Service, name: str, version: str | None) -> _Model:
-    """The model `name` (404 when unknown), checked to serve `version` when one is named."""
-    svc.admit()
+async def _lookup(svc: Service, name: str) -> _Model:
+    """The model `name`: the backbone, or a task's current version (404 when there is none)."""
     if name == svc.backbone.spec.name:
         kind = _backbone_kind(svc)
-        model = _Model(name, 0, kind, "embedding" if kind == "embed" else None, ())
-    else:
-        current, head = await svc.registry.head(name)
-        if head is None:
-            model = _Model(name, current, "generate", None, ())
-        else:
-            model = _Model(name, current, task_kind(head), head.type, tuple(head.labels))
+        return _Model(name, 0, kind, "embedding" if kind == "embed" else None, ())
+    current, head = await svc.registry.head(name)
+    if head is None:
+        return _Model(name, current, "generate", None, ())
+    return _Model(name, current, task_kind(head), head.type, tuple(head.labels))
+
+
+async def _model(svc: Service, name: str, version: str | None) -> _Model:
+    """The model `name` once the service is ready, checked to serve `version` when one is named."""
+    svc.admit()
+    model = await _lookup(svc, name)
     _check_version(name, version, model.version)
     return model
 
@@ -301,7 +304,7 @@ async def _read_body(request: Request, *, limit: int) -> bytes:
 def _rows(body: InferenceRequest, binary: dict[str, bytes], kind: str | None) -> list:
     """The inputs as predict takes them: texts, or [text, text_pair] pairs."""
     by_name = {i.name: i for i in body.inputs}
-    allowed = {"text", "text_pair"} if kind in _PAIRS or kind is None else {"text"}
+    allowed = {"text", "text_pair"} if kind in _PAIRS else {"text"}
     for name, inp in by_name.items():
         if name not in allowed:
             raise InvalidRequest(f"input {name!r}: this model takes {' and '.join(sorted(allowed))}")
@@ -321,7 +324,7 @@ def _rows(body: InferenceRequest, binary: dict[str, bytes], kind: str | None) ->
     return [[a, b] for a, b in zip(texts, bytes_values(pair, binary.get("text_pair")), strict=True)]
 
 
-def _wanted(body: InferenceRequest, kind: str, *, head: str | None = None) -> list[_Wanted]:
+def _wanted(body: InferenceRequest, kind: str, *, head: str | None) -> list[_Wanted]:
     """The outputs to answer, in order, each in JSON or binary."""
     default = binary_flag(body.parameters, "binary_data_output", default=False)
     names = _OUTPUTS[kind]
@@ -385,17 +388,6 @@ def _max_new_tokens(body: InferenceRequest) -> int | None:
     return value
 
 
-async def _kind(svc: Service, name: str) -> tuple[int, str | None]:
-    """The model's current version and kind, from what the registry already knows (no store read)."""
-    if name == svc.backbone.spec.name:
-        return 0, _backbone_kind(svc)
-    state = svc.registry.state(name)
-    if state.current is None:
-        raise NotFound(f"task {name!r} has no current version; PUT /v1/adapters/{name}/current first")
-    _, kind = await svc.registry.describe(name)
-    return state.current, kind
-
-
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     svc = service_of(request)
     raw = await _read_body(request, limit=_body_limit(svc.settings))
@@ -404,24 +396,24 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     bare = name == svc.backbone.spec.name
 
     async def work(svc: Service) -> tuple[int, list[OutputTensor]]:
-        current, kind = await _kind(svc, name)
-        _check_version(name, version, current)
-        rows = _rows(body, binary, kind)
-        if kind is not None:
-            _wanted(body, kind)  # refuse a bad output name before any forward runs
+        model = await _lookup(svc, name)
+        _check_version(name, version, model.version)
+        # Every check of the request before its rows are queued: a bad one never costs a forward.
+        rows = _rows(body, binary, model.kind)
+        wanted = _wanted(body, model.kind, head=model.head)
         answer = await svc.predict(
             name,
             rows,
             all_scores=True,
             max_new_tokens=max_new_tokens,
-            embed=Embed() if bare and kind == "embed" else None,
+            embed=Embed() if bare and model.kind == "embed" else None,
         )
-        if version is not None and answer.version != int(version):
+        # A new version became current between the lookup and predict's lease: fine unless a
+        # version was named or its head answers other tensors.
+        moved = answer.version != model.version
+        if moved and (version is not None or _answer_kind(answer.outputs[0]) != (model.kind, model.head)):
             raise VersionConflict(f"model {name!r} moved to version {answer.version} meanwhile; retry")
-        got, head = _answer_kind(answer.outputs[0])
-        if kind is not None and got != kind:
-            raise VersionConflict(f"model {name!r} changed its head meanwhile; retry")
-        return answer.version, [_tensor(w, answer.outputs) for w in _wanted(body, got, head=head)]
+        return answer.version, [_tensor(w, answer.outputs) for w in wanted]
 
     served, tensors = await counted(request, name, work)
     head: dict[str, Any] = {"model_name": name, "model_version": str(served)}
