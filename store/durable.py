@@ -32,6 +32,7 @@ __all__ = [
     "read_small_json",
     "remove_if_abandoned",
     "remove_tree",
+    "unlink_lock",
     "verified_file",
     "write_file",
 ]
@@ -189,14 +190,38 @@ def read_small_json(path: Path) -> object:
 
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if needed) for the duration of the block."""
-    # A fresh open file description per acquisition, so the lock also excludes threads of one process.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    """Hold an exclusive flock on `path` (created if needed) for the duration of the block.
+
+    The holder may unlink `path` before leaving the block (see `unlink_lock`): whoever was waiting on
+    the unlinked file sees that it is no longer the one at `path` and locks the path afresh, so every
+    holder always holds the lock of the file that is at `path`.
+    """
+    while True:
+        # A fresh open file description per acquisition, so the lock also excludes threads of one process.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def unlink_lock(path: Path) -> None:
+    """Remove the lock file `path`; only while holding its flock (inside `flocked(path)`)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def remove_if_abandoned(path: Path) -> bool:

@@ -2,7 +2,7 @@
 
 Layout under the root::
 
-    .locks/<kind>.<name>.lock     flock per name (never deleted, so every process locks the same inode)
+    .locks/<kind>.<name>.lock     flock per name, while the name has a directory (durable.flocked)
     .locks/store.lock             flock for the store-wide size limit
     <kind>/<name>/current.json    {"version": N | null, "last_version": M}
     <kind>/<name>/v<N>/           config, weights, manifest.json (sha256 and size of each file)
@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from store import durable
@@ -156,8 +156,18 @@ class LocalStore(ArtifactStore):
     def _lock(self, lock_name: str) -> contextlib.AbstractContextManager[None]:
         return durable.flocked(self._root / _LOCKS / lock_name)
 
-    def _task_lock(self, kind: str, name: str) -> contextlib.AbstractContextManager[None]:
-        return self._lock(f"{kind}.{name}.lock")
+    @contextlib.contextmanager
+    def _task_lock(self, kind: str, name: str) -> Iterator[None]:
+        path = self._root / _LOCKS / f"{kind}.{name}.lock"
+        with durable.flocked(path):
+            try:
+                yield
+            finally:
+                # A name with nothing stored keeps no lock file either, so a refused upload (or a
+                # request for an unknown name) leaves the store exactly as it was. Unlinked while held:
+                # flocked makes a waiter on the old file lock the path afresh.
+                if not os.path.lexists(self._root / kind / name):
+                    durable.unlink_lock(path)
 
     # -- state ----------------------------------------------------------------------------------------
 

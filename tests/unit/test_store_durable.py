@@ -7,6 +7,8 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -135,3 +137,57 @@ def test_verified_file_returns_the_bytes_it_checked(tmp_path) -> None:
     with pytest.raises(ArtifactCorrupt) as info:
         durable.verified_file(tmp_path / "link", entry, "config", keep=True)
     assert info.value.message == "config: the file was replaced by a symbolic link"
+
+
+def _waiting_on(path_ino: int) -> bool:
+    """True when some flock waits on the inode (Linux lists blocked waiters in /proc/locks with '->')."""
+    with open("/proc/locks") as fh:
+        return any("->" in line and line.split()[-3].endswith(f":{path_ino}") for line in fh)
+
+
+def _until(cond, *, timeout: float = 10.0) -> None:
+    # Another thread blocking in flock(2) has no event to wait on: the kernel's lock table is polled.
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux's /proc/locks")
+def test_a_lock_file_unlinked_by_its_holder_still_excludes_a_waiter(tmp_path) -> None:
+    path = tmp_path / "name.lock"
+    entered_a, unlink_now, unlinked, release_a, inside_b = (threading.Event() for _ in range(5))
+
+    def holder_a() -> None:
+        with durable.flocked(path):
+            entered_a.set()
+            unlink_now.wait(10)
+            durable.unlink_lock(path)
+            unlinked.set()
+            release_a.wait(10)
+
+    def waiter_b() -> None:
+        with durable.flocked(path):
+            inside_b.set()
+
+    a = threading.Thread(target=holder_a)
+    a.start()
+    assert entered_a.wait(10)
+    old_ino = os.stat(path).st_ino
+    b = threading.Thread(target=waiter_b)
+    b.start()
+    _until(lambda: _waiting_on(old_ino))  # b waits on the file that a is about to unlink
+    unlink_now.set()
+    assert unlinked.wait(10)
+    with durable.flocked(path):
+        # This thread got in at once, on a new lock file.
+        new_ino = os.stat(path).st_ino
+        assert new_ino != old_ino
+        release_a.set()
+        a.join(10)
+        # b woke on the unlinked file, saw it was no longer the lock at `path` and now waits on this one.
+        _until(lambda: _waiting_on(new_ino))
+        assert not inside_b.is_set()
+    b.join(10)
+    assert inside_b.is_set()
+    assert path.exists()  # only a holder that means to unlink the file does so

@@ -42,12 +42,10 @@ def make_weights(directory: Path, content: bytes = b"weights-" * 64, name: str =
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every entry under the store with its bytes (None for directories); lock files are not content."""
+    """Every entry under the store with its bytes (None for directories), lock files included."""
     out: dict[str, bytes | None] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        if rel.parts[:1] == (".locks",):
-            continue
         for d in dirnames:
             out[str(rel / d)] = None
         for f in filenames:
@@ -539,23 +537,40 @@ def test_fault_at_every_step(
 # -- concurrency -----------------------------------------------------------------------------------------
 
 
-def _race(root: Path, src: Path, version: int | None, barrier, results) -> None:  # type: ignore[no-untyped-def]
+def _refuse(config: bytes, weights: Path) -> None:
+    raise InvalidArtifact("refused by the test")
+
+
+def _race(root: Path, src: Path, version: int | None, barrier, results, refuse: bool = False) -> None:  # type: ignore[no-untyped-def]
     store = LocalStore(root)
     barrier.wait()
     try:
-        info = store.put_version("tasks", "race", config_bytes=CONFIG, weights_src=src, version=version)
+        info = store.put_version(
+            "tasks",
+            "race",
+            config_bytes=CONFIG,
+            weights_src=src,
+            version=version,
+            validate=_refuse if refuse else None,
+        )
         results.put(("ok", info.version, info.sha256))
     except VersionConflict:
         results.put(("conflict", None, None))
+    except InvalidArtifact:
+        results.put(("refused", None, None))
     except Exception as exc:  # reported to the parent, which fails the test
         results.put(("error", repr(exc), None))
 
 
-def _run_racers(root: Path, tmp_path: Path, n: int, version: int | None) -> list[tuple]:
+def _run_racers(root: Path, tmp_path: Path, n: int, version: int | None, *, refused: int = 0) -> list[tuple]:
+    """`n` processes put a version of one name at once; the first `refused` of them fail validation."""
     LocalStore(root)
     barrier, results = FORK.Barrier(n), FORK.Queue()
     sources = [make_weights(tmp_path, f"writer {i} ".encode() * 50, name=f"w{i}") for i in range(n)]
-    procs = [FORK.Process(target=_race, args=(root, s, version, barrier, results)) for s in sources]
+    procs = [
+        FORK.Process(target=_race, args=(root, s, version, barrier, results, i < refused))
+        for i, s in enumerate(sources)
+    ]
     for p in procs:
         p.start()
     out = [results.get(timeout=60) for _ in procs]
@@ -584,6 +599,47 @@ def test_processes_appending_get_distinct_versions(root: Path, tmp_path: Path) -
     for _, version, sha in results:
         assert store.get("tasks", "race", version).info.sha256 == sha
     assert store.current_version("tasks", "race") in range(1, 9)
+
+
+def test_processes_refused_on_a_new_name_leave_the_store_as_it_was(root: Path, tmp_path: Path) -> None:
+    LocalStore(root)
+    before = snapshot(root)
+    results = _run_racers(root, tmp_path, 8, version=None, refused=8)
+    assert [r[0] for r in results] == ["refused"] * 8
+    assert snapshot(root) == before
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def test_refused_and_accepted_writers_of_a_new_name_race_safely(root: Path, tmp_path: Path) -> None:
+    # Refused writers remove the name's lock file whenever they find the name empty, while the others
+    # wait on it or are about to: each accepted writer must still get a version of its own.
+    for round_ in range(3):
+        results = _run_racers(root, _mkdir(tmp_path / f"r{round_}"), 8, version=None, refused=4)
+        assert sorted(r[0] for r in results) == ["ok"] * 4 + ["refused"] * 4, results
+        store = _check_consistent(root)
+        assert sorted(r[1] for r in results if r[0] == "ok") == [1, 2, 3, 4]
+        store.delete("tasks", "race")  # the next round starts from a new name again
+
+
+def test_requests_for_unknown_names_leave_no_lock_file(store: LocalStore, src: Path, root: Path) -> None:
+    store.put_version("tasks", "kept", config_bytes=CONFIG, weights_src=src)
+    before = snapshot(root)
+    assert (root / ".locks" / "tasks.kept.lock").exists()  # a stored name keeps its lock file
+    for call in (
+        lambda: store.set_current("tasks", "ghost", 1),
+        lambda: store.delete_version("tasks", "ghost", 1),
+        lambda: store.delete("tasks", "ghost"),
+        lambda: store.put_version("tasks", "ghost", config_bytes=CONFIG, weights_src=src, validate=_refuse),
+    ):
+        with pytest.raises((NotFound, InvalidArtifact)):
+            call()
+    assert snapshot(root) == before
+    store.delete("tasks", "kept")
+    assert not (root / ".locks" / "tasks.kept.lock").exists()  # nor does a deleted one
 
 
 def test_threads_racing_for_one_version(store: LocalStore, tmp_path: Path) -> None:
