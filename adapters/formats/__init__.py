@@ -67,7 +67,8 @@ def run_import(args: argparse.Namespace) -> int:
 
     path = args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE") or None
     try:
-        spec = load_backbone(path, device="cpu", dtype="float32").spec
+        backbone = load_backbone(path, device="cpu", dtype="float32")
+        spec = backbone.spec
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if args.format == "peft":
@@ -77,6 +78,7 @@ def run_import(args: argparse.Namespace) -> int:
                     args.out,
                     spec=spec,
                     labels=labels,
+                    base=backbone.core,
                     allow_pickle=args.allow_pickle,
                     overwrite=args.overwrite,
                 )

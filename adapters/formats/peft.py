@@ -5,16 +5,23 @@ feedforward input scaling), prefix tuning (the saved, already projected prefixes
 `modules_to_save` classifier of `*ForSequenceClassification` models (BERT: pooler + linear;
 RoBERTa/XLM-R: dense + tanh + linear on the first token). Anything that would change the backbone
 itself (trained biases, DoRA, PiSSA-style initialisations, other saved modules) is refused.
+
+A target list that reaches BERT's pooler (`target_modules=["dense", ...]` matches `bert.pooler.dense`,
+as PEFT applies it) adapts a layer that only the classifier reads: its LoRA (or IA3) is merged into
+the pooler's own weights, and the head becomes dense + tanh + linear over the first token, which is
+exactly the pooler followed by the classifier. That needs the backbone's pooler (`base`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
 
 import torch
 
+from adapters.arch import get_arch
 from adapters.formats.common import (
     PROJECTIONS,
     SiteMap,
@@ -39,10 +46,14 @@ def import_peft(
     *,
     spec: BackboneSpec,
     labels: list[str] | None = None,
+    base: torch.nn.Module | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
 ):
-    """Convert a PEFT adapter directory into a native artifact at `out`; returns the native config."""
+    """Convert a PEFT adapter directory into a native artifact at `out`; returns the native config.
+
+    `base` is the backbone's base model (its pooler is read when the checkpoint adapts the pooler).
+    """
     src = Path(src)
     meta = read_json(src / "adapter_config.json")
     weights = read_weights(
@@ -56,6 +67,12 @@ def import_peft(
     weights = {_strip(k): v for k, v in weights.items()}
     head_tensors = {k: v for k, v in weights.items() if not _adapter_key(k, peft_type)}
     adapter = {k: v for k, v in weights.items() if _adapter_key(k, peft_type)}
+    pooler = {k: v for k, v in adapter.items() if _on_pooler(k, spec)}
+    adapter = {k: v for k, v in adapter.items() if k not in pooler}
+    if pooler and not head_tensors:
+        raise UnsupportedCheckpoint(
+            "the checkpoint adapts the pooler but saves no classifier that reads it (modules_to_save)"
+        )
     if peft_type == "LORA":
         config, tensors = _lora(meta, adapter, sites)
     elif peft_type == "IA3":
@@ -68,8 +85,11 @@ def import_peft(
         )
     if head_tensors:
         head, head_weights = _head(head_tensors, spec, labels=labels)
+        if pooler:
+            head, head_weights = _merge_pooler(meta, pooler, head, head_weights, base=base, spec=spec)
         config["head"] = head
         tensors |= head_weights
+
     config["metadata"] = {
         "source": "peft",
         "peft_type": peft_type,
@@ -240,6 +260,57 @@ def _prefix(meta: dict, adapter: dict[str, torch.Tensor], spec: BackboneSpec):
         tensors[f"{stack}.{i}.attn.prefix.key"] = flat[:, i, 0]
         tensors[f"{stack}.{i}.attn.prefix.value"] = flat[:, i, 1]
     return {"method": "prefix", "prefix_length": n}, tensors
+
+
+def _on_pooler(key: str, spec: BackboneSpec) -> bool:
+    """Whether an adapter tensor belongs to the backbone's pooler dense (BERT's `bert.pooler.dense`)."""
+    pooler = get_arch(spec.model_type).pooler
+    return pooler is not None and re.search(rf"(?:^|\.){pooler}\.dense\.(lora_|ia3_l)", key) is not None
+
+
+def _merge_pooler(
+    meta: dict,
+    adapter: dict[str, torch.Tensor],
+    head: dict,
+    weights: dict[str, torch.Tensor],
+    *,
+    base: torch.nn.Module | None,
+    spec: BackboneSpec,
+):
+    """Fold the pooler's adapter into its weights: the head becomes the adapted pooler + the classifier."""
+    if head.get("pooling") != "pooler":
+        raise UnsupportedCheckpoint("the pooler is adapted, but the saved classifier does not read it")
+    dense = getattr(getattr(base, get_arch(spec.model_type).pooler, None), "dense", None)
+    if dense is None:
+        raise UnsupportedCheckpoint(
+            "the checkpoint adapts the pooler: pass the backbone's base model (base=...) to merge it"
+        )
+    w, b = dense.weight.detach().float().cpu(), dense.bias.detach().float().cpu()
+    parts = {
+        re.sub(r".*\.dense\.", "", k).removesuffix(".weight").removesuffix(".default"): v
+        for k, v in adapter.items()
+    }
+    peft_type = str(meta.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        a, bb = parts["lora_A"].float(), parts["lora_B"].float()
+        module = next(iter(adapter)).split(".lora_")[0]
+        pk = _pattern_key(meta.get("alpha_pattern") or {}, module)
+        alpha = (
+            float((meta.get("alpha_pattern") or {})[pk])
+            if pk is not None
+            else float(meta.get("lora_alpha", 8))
+        )
+        r = a.shape[0]
+        scaling = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
+        w = w + scaling * (bb @ a)
+    else:  # IA3: output scaling rescales weight and bias, input scaling the weight's columns
+        vec = parts["ia3_l"].float()
+        if tuple(vec.shape) == (1, w.shape[1]):
+            w = w * vec
+        else:
+            w, b = w * vec, b * vec.reshape(-1)
+    head = {**head, "pooling": "cls", "layers": 2}
+    return head, weights | {"head.dense.weight": w, "head.dense.bias": b}
 
 
 def _head(tensors: dict[str, torch.Tensor], spec: BackboneSpec, *, labels: list[str] | None):

@@ -73,6 +73,8 @@ class Case:
     make: Callable[[], object]
     method: str
     classifier: bool = False
+    pooler: bool = False
+    """The target list reaches BERT's pooler, which the import merges into a two-layer head."""
 
 
 CASES = [
@@ -135,6 +137,31 @@ CASES = [
         ),
         "lora",
         classifier=True,
+    ),
+    # PEFT's own defaults for sequence classification: query/value LoRA r=8 alpha=8; IA3 on key,
+    # value and output.dense (feedforward).
+    Case(
+        "peft_default_lora_seq_cls", lambda: LoraConfig(task_type=TaskType.SEQ_CLS), "lora", classifier=True
+    ),
+    Case("peft_default_ia3_seq_cls", lambda: IA3Config(task_type=TaskType.SEQ_CLS), "ia3", classifier=True),
+    # "dense" also matches bert.pooler.dense, as PEFT applies it.
+    Case(
+        "lora_every_dense_with_pooler",
+        lambda: LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["query", "key", "value", "dense"]),
+        "lora",
+        classifier=True,
+        pooler=True,
+    ),
+    Case(
+        "ia3_every_dense_with_pooler",
+        lambda: IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=["key", "value", "dense", "output.dense"],
+            feedforward_modules=["output.dense"],
+        ),
+        "ia3",
+        classifier=True,
+        pooler=True,
     ),
 ]
 
@@ -231,7 +258,9 @@ def world(tmp_path_factory):
         out = src / "native"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cfg = import_peft(src, out, spec=backbone.spec, labels=LABELS if case.classifier else None)
+            cfg = import_peft(
+                src, out, spec=backbone.spec, labels=LABELS if case.classifier else None, base=backbone.core
+            )
         tensors = store_validate(out, backbone.spec)
         model.load(slot, cfg, tensors)
         hidden, logits = _peft_hidden(case, peft_model, batch)
@@ -262,7 +291,8 @@ def test_import_matches_peft(world, case: Case) -> None:
         logits = model.classify(batch.input_ids, batch.attention_mask, slots).logits
         assert max_diff(logits[:, : len(LABELS)], c["logits"]) <= TOL
         head = c["cfg"].head
-        assert (head.type, head.labels, head.pooling, head.layers) == ("classification", LABELS, "pooler", 1)
+        shape = ("cls", 2) if case.pooler else ("pooler", 1)
+        assert (head.type, head.labels, head.pooling, head.layers) == ("classification", LABELS, *shape)
 
 
 def test_lora_scalings_are_peft_s(world) -> None:
@@ -303,13 +333,12 @@ def test_mixed_batch_of_every_imported_adapter(world) -> None:
     ids, mask = batch.input_ids[pick], batch.attention_mask[pick]
     hidden = model.hidden(ids, mask, slots)
     base = model.hidden(batch.input_ids, batch.attention_mask, [0] * len(batch.lengths))
-    clf = "seq_cls_lora_with_head"
     logits = model.classify(ids, mask, slots).logits
     for i, (cid, j) in enumerate(rows):
         want = cases[cid]["hidden"][j] if cid else base[j]
         assert max_diff(hidden[i], want) <= TOL, f"row {i} ({cid})"
-        if cid == clf:
-            assert max_diff(logits[i, : len(LABELS)], cases[clf]["logits"][j]) <= TOL
+        if cid and cases[cid]["logits"] is not None:
+            assert max_diff(logits[i, : len(LABELS)], cases[cid]["logits"][j]) <= TOL, f"row {i} ({cid})"
 
 
 def test_pickle_is_refused_without_allow_pickle_and_never_opened(tmp_path: Path, world) -> None:
@@ -410,7 +439,11 @@ def test_cli_import_writes_a_valid_artifact(tmp_path: Path, world, capsys) -> No
 REFUSED = [
     ("dora", lambda: LoraConfig(r=4, target_modules=["query"], use_dora=True), "use_dora"),
     ("trained_biases", lambda: LoraConfig(r=4, target_modules=["query"], bias="all"), "bias"),
-    ("lora_on_the_pooler", lambda: LoraConfig(r=4, target_modules=["pooler.dense"]), "'pooler.dense'"),
+    (
+        "lora_on_the_pooler_without_a_classifier",
+        lambda: LoraConfig(r=4, target_modules=["pooler.dense"]),
+        "saves no classifier that reads it",
+    ),
     ("loha", lambda: LoHaConfig(r=4, target_modules=["query"]), "'LOHA' is not supported"),
     (
         "prompt_tuning",
