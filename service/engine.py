@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,13 @@ from adapters.heads import decode_row, pool
 from service.batcher import Row
 from service.cache import Adapter, DeviceSlots
 from service.metrics import Metrics
-from store.errors import InvalidRequest
+from store.errors import InvalidRequest, PayloadTooLarge
 
 __all__ = ["Embed", "Encoded", "Engine", "Work", "balance", "length_splits"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Text = str | tuple[str, str] | list[str]
 
@@ -134,6 +136,8 @@ class Work:
     """None: the backbone alone (slot 0)."""
     encoded: Encoded
     all_scores: bool = False
+    raw_scores: bool = False
+    """Set: a classifier row also answers its head's raw logits, by label (`logits`)."""
     max_new_tokens: int = 0
     embed: Embed | None = None
     """Set: the row's answer is its sentence vector, not its head's output."""
@@ -205,10 +209,32 @@ class Engine:
         """Run `fn(*args)` on the device's worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def tokenize(self, inputs: Sequence[Text], *, max_tokens: int | None = None) -> list[Encoded]:
-        """Tokenize strings and [text_a, text_b] pairs off the event loop, truncated to the limit."""
+    async def tokenize(
+        self, inputs: Sequence[Text], *, max_tokens: int | None = None, truncate: bool = True
+    ) -> list[Encoded]:
+        """Tokenize strings and [text_a, text_b] pairs off the event loop, truncated to the limit.
+
+        With `truncate=False` an input longer than the limit is refused (413) instead of cut.
+        """
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self._tokenize, inputs, max_tokens
+            self._tokenize_pool, self._tokenize, inputs, max_tokens, truncate
+        )
+
+    async def with_tokenizer(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(tokenizer)` on the tokenizer's own thread (offsets, decoding: what tokenize omits)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, self.tokenizer)
+
+    async def tokenize_all(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of whole prompts (no truncation: the caller checks the limits) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, lambda: [list(x) for x in self.tokenizer(list(texts))["input_ids"]]
+        )
+
+    async def detokenize(self, tokens: Sequence[Sequence[int]]) -> list[str]:
+        """Decode token lists to text (special tokens dropped) on the tokenizer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool,
+            lambda: self.tokenizer.batch_decode([list(t) for t in tokens], skip_special_tokens=True),
         )
 
     async def run_batch(self, rows: list[Row]) -> list[Any]:
@@ -224,12 +250,14 @@ class Engine:
 
     # -- tokenization ---------------------------------------------------------------------------
 
-    def _tokenize(self, inputs: Sequence[Text], max_tokens: int | None = None) -> list[Encoded]:
+    def _tokenize(
+        self, inputs: Sequence[Text], max_tokens: int | None = None, truncate: bool = True
+    ) -> list[Encoded]:
         singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
         pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
         out: list[Encoded | None] = [None] * len(inputs)
         limit = min(max_tokens or self.max_input_tokens, self.max_input_tokens)
-        opts = {"truncation": True, "max_length": limit}
+        opts = {"truncation": True, "max_length": limit} if truncate else {"truncation": False}
         if singles:
             enc = self.tokenizer([inputs[i] for i in singles], **opts)
             self._collect(enc, singles, out)
@@ -239,6 +267,10 @@ class Engine:
         for e in out:
             if not e.ids:
                 raise InvalidRequest("an input is empty after tokenization; send some text")
+            if len(e.ids) > limit:
+                raise PayloadTooLarge(
+                    f"an input has {len(e.ids)} tokens, more than {limit}; send truncate: true to cut it"
+                )
         return out  # type: ignore[return-value]
 
     def _collect(self, enc, where: list[int], out: list[Encoded | None]) -> None:
@@ -340,6 +372,9 @@ class Engine:
                     out[j] = decode_row(
                         logits[j], kind=head.type, labels=list(head.labels), all_scores=w.all_scores
                     )
+                    if w.raw_scores and head.labels:
+                        raw = logits[j, : len(head.labels)].tolist()
+                        out[j]["logits"] = dict(zip(head.labels, raw, strict=True))
         self._embed(works, hidden, mask, out)
         self._observe(works, started)
         return out  # type: ignore[return-value]

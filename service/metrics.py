@@ -92,6 +92,22 @@ class Metrics:
             _P + "adapter_host_cache_bytes", "Bytes of decoded adapters in host memory.", registry=r
         )
         self.tokens = Counter(_P + "tokens", "Input tokens processed, by task.", ["task"], registry=r)
+        self.generated_tokens = Counter(
+            _P + "generated_tokens", "Tokens generated, by task.", ["task"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            _P + "time_to_first_token_seconds",
+            "From a generation's admission to its first token.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            _P + "time_per_output_token_seconds",
+            "Mean time between a generation's tokens after the first.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.generation_rows = Gauge(_P + "generation_rows", "Rows decoding now.", registry=r)
         self.uploads = Counter(_P + "uploads", "Adapter uploads by result.", ["result"], registry=r)
         self.ready = Gauge(_P + "ready", "1 when the service takes traffic, else 0.", registry=r)
         r.register(DeviceMemory())

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.backbone import Backbone, load_backbone
+from adapters.generate import Sampling
 from adapters.model import BankConfig, MultiTaskModel
 from service.auth import KeyRing, load_or_create_admin_key
 from service.batcher import Batcher, Row
 from service.cache import DeviceSlots
 from service.decode import Decoder
 from service.engine import Embed, Encoded, Engine, Work
+from service.generation import Event, Generation, Generations
 from service.hypernets import Hypernetworks
 from service.metrics import Metrics, MetricsObserver
 from service.registry import Registry
@@ -34,7 +36,7 @@ from store.errors import (
 from store.local import LocalStore
 from store.safetensors_io import SafetensorsLimits
 
-__all__ = ["Answer", "Service"]
+__all__ = ["Answer", "Completion", "Service"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,17 @@ class Service:
             observer=MetricsObserver(self.metrics),
         )
         self.batcher.start()
+        self.generations: Generations | None = None
+        if self.backbone.generative:
+            self.generations = Generations(
+                engine=self.engine,
+                device=self.device_slots,
+                metrics=self.metrics,
+                max_rows=s.max_batch_size,
+                max_tokens_in_flight=s.max_tokens_in_flight,
+                eos_token_id=self.backbone.tokenizer.eos_token_id,
+            )
+            self.generations.start()
         self.started = True
         self._warm_task = asyncio.get_running_loop().create_task(self._warm_up(), name="adapterserve-warmup")
         log.info(
@@ -239,6 +252,8 @@ class Service:
             log.warning("drain: %d requests still running after %.1f s", self._active, timeout)
         remaining = max(deadline - time.monotonic(), 0.0)
         await self.batcher.stop(drain=remaining > 0, timeout=remaining)
+        if self.generations is not None:
+            await self.generations.stop()
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
 
@@ -293,14 +308,18 @@ class Service:
         inputs: list,
         *,
         all_scores: bool = False,
+        raw_scores: bool = False,
         max_new_tokens: int | None = None,
         embed: Embed | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
     ) -> Answer:
         """Run one request's inputs on the task's current version (or the backbone alone).
 
         Inputs are strings, [text_a, text_b] pairs, or token-id lists (used as they are). With `embed`
         the answer of every row is its sentence vector; an embedding task always answers so, pooled
-        and normalised as its head says.
+        and normalised as its head says (`normalize` True or False overrides the norm). `raw_scores`
+        adds a classifier's logits by label; `truncate=False` refuses an over-long input with 413.
         """
         s = self.settings
         if len(inputs) > s.max_inputs:
@@ -323,7 +342,8 @@ class Service:
                 adapter, version = None, 0
                 if embed is not None:
                     pooling = self.backbone.pooling
-                    embed = Embed(pooling=pooling.mode, normalize=pooling.normalize)
+                    norm = pooling.normalize if normalize is None else normalize
+                    embed = Embed(pooling=pooling.mode, normalize=norm)
                 elif not self.backbone.generative:
                     raise InvalidRequest(
                         f"{task!r} is the backbone itself: it has no head to predict with; ask it for "
@@ -339,12 +359,13 @@ class Service:
                     raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
                 head = adapter.head
                 if head is not None and head.type == "embedding":
-                    embed = Embed(pooling=head.pooling, normalize=head.normalize)
+                    norm = head.normalize if normalize is None else normalize
+                    embed = Embed(pooling=head.pooling, normalize=norm)
                 elif embed is not None:
                     if head is None:
                         raise InvalidRequest(f"task {task!r} generates text; it has no sentence embedding")
                     # A task with a head embeds with its adapter, pooled as its head reads the encoder.
-                    embed = Embed(pooling=head.pooling, normalize=True)
+                    embed = Embed(pooling=head.pooling, normalize=normalize is not False)
             generates = embed is None and (adapter is None or adapter.head is None)
             if generates and any(not isinstance(x, str) for x in inputs):
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
@@ -360,7 +381,7 @@ class Service:
                 raise
             try:
                 encoded = await self._encode(
-                    inputs, max_tokens=self.backbone.pooling.max_tokens if bare else None
+                    inputs, max_tokens=self.backbone.pooling.max_tokens if bare else None, truncate=truncate
                 )
                 rows = [
                     Row(
@@ -371,6 +392,7 @@ class Service:
                             adapter=adapter,
                             encoded=e,
                             all_scores=all_scores,
+                            raw_scores=raw_scores,
                             max_new_tokens=n_new,
                             embed=embed,
                         ),
@@ -392,6 +414,84 @@ class Service:
             if lease is not None:
                 self.registry.release(lease)
 
+    async def complete(
+        self, task: str, prompts: list[str], *, max_tokens: int, sampling: Sampling, stop: tuple[str, ...]
+    ) -> Completion:
+        """Admit a completion: every prompt joins the decoding loop; read its events from the answer.
+
+        404 for an unknown task, 400 for a task that does not generate or a prompt and budget over the
+        limits (which are named), 429 past the tokens in flight; nothing is queued when any fails.
+        """
+        s = self.settings
+        if self.generations is None:
+            raise InvalidRequest(f"the backbone {self.backbone.spec.name!r} does not generate text")
+        if len(prompts) > s.max_inputs:
+            raise PayloadTooLarge(f"{len(prompts)} prompts; at most {s.max_inputs} per request")
+        if max_tokens > s.max_new_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; at most {s.max_new_tokens}")
+        if any(len(p) > s.max_input_chars for p in prompts):
+            raise PayloadTooLarge(f"a prompt is longer than {s.max_input_chars} characters")
+        bare = task == self.backbone.spec.name
+        lease = None if bare else self.registry.lease(task)
+        try:
+            adapter = None
+            if lease is not None:
+                try:
+                    async with asyncio.timeout(s.request_timeout_s):
+                        adapter = await self.registry.ready(lease)
+                except TimeoutError:
+                    self.metrics.rejected.labels(reason="deadline").inc()
+                    raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
+                if adapter.head is not None:
+                    raise InvalidRequest(
+                        f"task {task!r} has a {adapter.head.type} head; it does not generate"
+                    )
+            encoded = await self.engine.tokenize_all(prompts)
+            self._check_budget(encoded, max_tokens)
+        except BaseException:
+            if lease is not None:
+                self.registry.release(lease)
+            raise
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        label = self.metrics.task_label(task, registered=True)
+        gens = [
+            Generation(
+                index=i,
+                adapter=adapter,
+                ids=e,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                events=events,
+                task_label=label,
+            )
+            for i, e in enumerate(encoded)
+        ]
+        try:
+            self.generations.submit(gens)
+        except QueueFull as exc:
+            if lease is not None:
+                self.registry.release(lease)
+            await self.pause(min(exc.retry_after, s.refusal_pause_ms / 1000))
+            raise
+        self.metrics.tokens.labels(task=label).inc(sum(len(e) for e in encoded))
+        return Completion(self, gens, events, lease)
+
+    def _check_budget(self, encoded: list[list[int]], max_tokens: int) -> None:
+        """A prompt must fit the input limit, and with its budget the decoder's positions."""
+        limit = self.engine.max_input_tokens
+        positions = self.backbone.spec.max_positions
+        for ids in encoded:
+            if not ids:
+                raise InvalidRequest("a prompt is empty after tokenization; send some text")
+            if len(ids) > limit:
+                raise InvalidRequest(f"a prompt has {len(ids)} tokens; at most {limit}")
+            if self.engine.decoder_only and len(ids) + max_tokens > positions:
+                raise InvalidRequest(
+                    f"a prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the model's "
+                    f"{positions} positions"
+                )
+
     def _check_ids(self, ids: list) -> None:
         """Token ids sent in place of text: ints of the vocabulary, within the input limit."""
         vocab = self.backbone.spec.vocab_size
@@ -400,16 +500,67 @@ class Service:
         if len(ids) > self.engine.max_input_tokens:
             raise InvalidRequest(f"{len(ids)} tokens; at most {self.engine.max_input_tokens} per input")
 
-    async def _encode(self, inputs: list, *, max_tokens: int | None) -> list[Encoded]:
+    async def _encode(self, inputs: list, *, max_tokens: int | None, truncate: bool = True) -> list[Encoded]:
         """Tokenize the text inputs; token-id inputs pass as they are."""
         texts = [x for x in inputs if isinstance(x, str) or not x or not isinstance(x[0], int)]
-        done = iter(await self.engine.tokenize(texts, max_tokens=max_tokens) if texts else [])
+        done = iter(
+            await self.engine.tokenize(texts, max_tokens=max_tokens, truncate=truncate) if texts else []
+        )
         return [
             next(done)
             if isinstance(x, str) or not x or not isinstance(x[0], int)
             else Encoded(ids=list(x), types=None)
             for x in inputs
         ]
+
+
+class Completion:
+    """An admitted completion: its prompts' generations and the events they report, in order of arrival."""
+
+    def __init__(self, service: Service, gens: list[Generation], events: asyncio.Queue[Event], lease) -> None:
+        self.generations = gens
+        self.prompt_tokens = sum(len(g.ids) for g in gens)
+        self._service = service
+        self._events = events
+        self._lease = lease
+        self._open = len(gens)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, over every prompt."""
+        return sum(len(g.tokens) for g in self.generations)
+
+    async def events(self):
+        """Every prompt's text as it is generated, then its finish reason; raises the error a row hit."""
+        try:
+            while self._open:
+                event = await self._events.get()
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is not None:
+                    self._open -= 1
+                yield event
+        finally:
+            self.close()
+
+    async def collect(self) -> list[tuple[str, str]]:
+        """Each prompt's whole text and finish reason, in prompt order."""
+        texts = [""] * len(self.generations)
+        reasons = [""] * len(self.generations)
+        async for e in self.events():
+            texts[e.index] += e.text
+            if e.finish_reason is not None:
+                reasons[e.index] = e.finish_reason
+        return list(zip(texts, reasons, strict=True))
+
+    def close(self) -> None:
+        """Stop every unfinished generation (its row leaves at the next step) and free the task."""
+        for g in self.generations:
+            if g.finish_reason is None:
+                g.cancel()
+        if self._lease is not None:
+            self._service.registry.release(self._lease)
+            self._lease = None
 
 
 @dataclass(frozen=True, slots=True)

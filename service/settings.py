@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=10_000, description="How long the first row of a batch waits for company."
     )
     max_queue: int = Field(default=1024, ge=1, description="Most queued rows; past it requests answer 429.")
+    max_tokens_in_flight: int = Field(
+        default=65_536,
+        ge=1,
+        description=(
+            "Most tokens (prompt plus max_tokens) of generations admitted at once; past it completions "
+            "answer 429."
+        ),
+    )
     refusal_pause_ms: float = Field(
         default=250.0,
         ge=0,

@@ -1,4 +1,8 @@
-"""OpenAI-compatible surface: `POST /v1/embeddings` and `GET /v1/models`, where `model` names a task.
+"""OpenAI-compatible surface: `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`.
+
+`model` names a task (the convention of vLLM and LoRAX). Completions decode in the continuous batch
+of every generating task; `stream: true` answers server-sent events, `data: {chunk}` per piece of
+text and `data: [DONE]` at the end, as OpenAI's clients parse them.
 
 The backbone's own name (as `GET /v1/backbone` gives it) is a model too: it embeds with no adapter,
 pooled and normalised as its sentence-transformers config says.
@@ -8,16 +12,20 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from typing import Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.generate import Sampling
 from service.engine import Embed
 from service.openapi import errors
 from service.routes.common import INFERENCE_KEY, counted, orjson_response, service_of
-from store.errors import InvalidRequest, NotFound
+from store.errors import AdapterServeError, InvalidRequest, NotFound
 
 __all__ = ["router"]
 
@@ -81,6 +89,124 @@ class EmbeddingsResponse(BaseModel):
     data: list[EmbeddingItem]
     model: str
     usage: Usage
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with the usage.")
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request; `top_k` is an extension (as vLLM has it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256, description="A generating task, or the backbone's name.")
+    prompt: str | list[str] = Field(description="One prompt or several (each one choice).")
+    max_tokens: int = Field(default=16, ge=1, description="Tokens to generate at most per prompt.")
+    temperature: float = Field(default=1.0, ge=0, le=2, description="0: greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens (0: all).")
+    seed: int | None = Field(default=None, description="Same seed, same output, whatever shares the batch.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the text.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = Field(default=1, description="One choice per prompt.")
+    echo: Literal[False] = False
+    logprobs: None = None
+    presence_penalty: float = Field(default=0.0, ge=0, le=0, description="Only 0 is served.")
+    frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="Only 0 is served.")
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+
+
+def _stops(raw: str | list[str] | None) -> tuple[str, ...]:
+    stops = [raw] if isinstance(raw, str) else list(raw or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise InvalidRequest("stop: up to 4 non-empty strings")
+    return tuple(stops)
+
+
+def _sse(body: dict | str) -> bytes:
+    data = body if isinstance(body, str) else orjson.dumps(body).decode()
+    return f"data: {data}\n\n".encode()
+
+
+@router.post(
+    "/v1/completions",
+    dependencies=INFERENCE_KEY,
+    responses=errors(400, 401, 404, 413, 422, 429, 503, 504),
+)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Complete the prompts with the task's adapter; `stream: true` for server-sent events."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise InvalidRequest("prompt: send at least one string")
+    sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
+    stop = _stops(body.stop)
+
+    async def admit(svc):
+        return await svc.complete(
+            body.model, prompts, max_tokens=body.max_tokens, sampling=sampling, stop=stop
+        )
+
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+    head["model"] = body.model
+    if not body.stream:
+
+        async def whole(svc):
+            completion = await admit(svc)
+            try:
+                return completion, await completion.collect()
+            finally:
+                completion.close()
+
+        completion, results = await counted(request, body.model, whole)
+        choices = [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(results)
+        ]
+        return orjson_response({**head, "choices": choices, "usage": _usage(completion)})
+
+    svc = service_of(request)
+    completion = await counted(request, body.model, admit)
+    try:
+        svc.enter()  # a drain waits for the stream to end
+    except AdapterServeError:
+        completion.close()
+        raise
+    usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def chunks():
+        try:
+            async for e in completion.events():
+                choice = {
+                    "text": e.text,
+                    "index": e.index,
+                    "logprobs": None,
+                    "finish_reason": e.finish_reason,
+                }
+                yield _sse({**head, "choices": [choice]})
+            if usage:
+                yield _sse({**head, "choices": [], "usage": _usage(completion)})
+        except AdapterServeError as exc:
+            # Headers are gone: the failure travels as an OpenAI error event.
+            yield _sse(
+                {"error": {"message": exc.message, "type": type(exc).__name__, "param": None, "code": None}}
+            )
+        finally:
+            completion.close()
+            svc.leave()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(completion) -> dict:
+    prompt, generated = completion.prompt_tokens, completion.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
 def _inputs(raw: str | list) -> list:
