@@ -70,9 +70,11 @@ def error_body(kind: str, message: str) -> dict:
 
 
 _OPENAI = ("/v1/embeddings", "/v1/models", "/v1/completions")
-_TEI = ("/embed", "/predict", "/rerank", "/tokenize", "/info")
-# text-embeddings-inference's error types, by status.
-_TEI_TYPES = {413: "Validation", 422: "Validation", 400: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+_TEI = ("/embed", "/predict", "/rerank", "/tokenize", "/decode", "/info")
+# text-embeddings-inference's error types, by status: bad input of any kind is a "Validation" error
+# (TEI's own 400, 413 and 422 carry "Empty", "Validation" and "Tokenizer"), a full queue or a
+# deadline passed in it "Overloaded", warming up or draining "Unhealthy", the rest "Backend".
+_TEI_TYPES = {429: "Overloaded", 503: "Unhealthy", 504: "Overloaded"}
 
 
 def surface_of(path: str) -> str:
@@ -99,7 +101,8 @@ def protocol_body(path: str, kind: str, message: str, status: int) -> dict:
     if surface == "v2":
         return {"error": message}
     if surface == "tei":
-        return {"error": message, "error_type": _TEI_TYPES.get(status, "Backend")}
+        default = "Validation" if status < 500 else "Backend"
+        return {"error": message, "error_type": _TEI_TYPES.get(status, default)}
     return error_body(kind, message)
 
 
