@@ -16,7 +16,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from api_support import API, admin, artifact_config, random_arrays, tiny_bert, tiny_tokenizer, write_artifact
+from api_support import (
+    API,
+    admin,
+    artifact_config,
+    multipart,
+    random_arrays,
+    reference_generation,
+    tiny_bert,
+    tiny_gpt2_backbone,
+    tiny_tokenizer,
+    write_artifact,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,15 +69,7 @@ async def _task(client, artifacts, spec, name: str, *, head: dict, seed: int) ->
     config = artifact_config("lora", spec.fingerprint) | {"head": head}
     arrays = random_arrays(config, spec, seed=seed)
     directory = write_artifact(artifacts / name, config, arrays)
-    files = {
-        "config": (
-            "adapter_config.json",
-            (directory / "adapter_config.json").read_bytes(),
-            "application/json",
-        ),
-        "weights": ("adapter.safetensors", (directory / "adapter.safetensors").read_bytes(), "application/x"),
-    }
-    r = await client.post(f"/v1/adapters/{name}", files=files, headers=admin())
+    r = await client.post(f"/v1/adapters/{name}", files=multipart(directory), headers=admin())
     assert r.status_code == 201, r.text
     return arrays
 
@@ -354,6 +357,32 @@ async def test_regression_multi_label_and_embeddings_equal_plain_torch(running, 
             np.testing.assert_allclose(
                 np.frombuffer(blobs["embedding"], "<f4").reshape(4, 32), want, atol=1e-5
             )
+
+
+async def test_generative_tasks_answer_generated_text(running, artifacts):
+    async with running(backbone=tiny_gpt2_backbone(), max_new_tokens=6) as (app, client):
+        spec = app.state.service.backbone.spec
+        config = {"method": "lora", "r": 4, "targets": ["qkv"], "backbone_fingerprint": spec.fingerprint}
+        d = write_artifact(artifacts / "gen", config, random_arrays(config, spec, seed=7, scale=2.0))
+        assert (await client.post("/v1/adapters/gen", files=multipart(d), headers=admin())).status_code == 201
+        meta = (await client.get("/v2/models/gen")).json()
+        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        assert meta["outputs"] == [{"name": "generated_text", "datatype": "BYTES", "shape": [-1]}]
+        prompts = ["the movie was", "i loved it and"]
+        r = await client.post(
+            "/v2/models/gen/infer", json={"inputs": [_text(prompts)], "parameters": {"max_new_tokens": 4}}
+        )
+        assert r.status_code == 200, r.text
+        [out] = r.json()["outputs"]
+        assert out["shape"] == [2] and out["data"] == reference_generation(d, prompts, max_new_tokens=4)
+        pair = await client.post(
+            "/v2/models/gen/infer", json={"inputs": [_text(prompts), _text(prompts, "text_pair")]}
+        )
+        assert pair.status_code == 400 and "'text_pair'" in pair.json()["error"]
+        bad = await client.post(
+            "/v2/models/gen/infer", json={"inputs": [_text(prompts)], "parameters": {"max_new_tokens": 0}}
+        )
+        assert bad.status_code == 400 and "max_new_tokens" in bad.json()["error"]
 
 
 async def test_gzip_bodies_and_pinned_versions(running, artifacts):
