@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from adapters.backbone import Backbone
 from service.docs import install_docs
 from service.errors import install_handlers
+from service.linger import LingeringClose
 from service.routes import install_routes
 from service.runtime import Service
 from service.settings import Settings
@@ -48,6 +49,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    # A refused upload's answer must reach a client that is still sending the body.
+    app.add_middleware(LingeringClose)
     install_handlers(app)
     install_routes(app)
     install_docs(app)
