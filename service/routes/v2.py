@@ -168,7 +168,7 @@ async def _model(svc: Service, name: str, version: str | None) -> _Model:
 def _check_version(name: str, asked: str | None, current: int) -> None:
     if asked is None:
         return
-    if not asked.isdigit() or len(asked) > 9:
+    if not (asked.isascii() and asked.isdigit()) or len(asked) > 9:
         raise InvalidRequest(f"version {asked[:20]!r}: a version is a number")
     if int(asked) != current:
         raise NotFound(f"model {name!r} serves version {current} only, not {int(asked)}")

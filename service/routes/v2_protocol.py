@@ -187,7 +187,7 @@ def parse_request(raw: bytes, *, header_length: str | None) -> tuple[InferenceRe
     if header_length is None:
         head, blob = raw, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(raw):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(raw):
             raise InvalidRequest(
                 f"Inference-Header-Content-Length: {header_length[:20]!r} is not a length within the "
                 f"{len(raw)}-byte body"

@@ -232,6 +232,7 @@ async def test_model_metadata_describes_each_head(running, artifacts):
             ("/v2/models/cls/versions/1", 404),
             ("/v2/models/cls/versions/1/ready", 404),
             ("/v2/models/cls/versions/x", 400),
+            ("/v2/models/cls/versions/%C2%B2", 400),
             ("/v2/models/nope/ready", 404),
             ("/v2/models/Bad..Name", 400),
         ]:
@@ -504,6 +505,7 @@ async def test_bad_infer_requests_are_refused_before_any_forward(running, artifa
         (b"{", {}, "JSON"),
         (b'{"inputs": []}', {HEADER: "99"}, "within"),
         (b'{"inputs": []}', {HEADER: "-1"}, "within"),
+        (b'{"inputs": []}', {HEADER: "\u00b2".encode("latin-1")}, "within"),  # a digit to str.isdigit, not to int()
         (b"not gzip", {"Content-Encoding": "gzip"}, "gzip"),
         (b"{}", {"Content-Encoding": "br"}, "Content-Encoding"),
     ],
