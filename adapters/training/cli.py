@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.training.data import Example, TaskData
+from adapters.training.data import TaskData, check_targets, rename_labels
 from adapters.training.export import upload, write_artifact
 from adapters.training.hyper import (
     HYPER_DEFAULTS,
@@ -27,7 +27,8 @@ from adapters.training.hyper import (
     train_task_embedding,
     write_hyper_artifacts,
 )
-from adapters.training.trainer import FULL, TrainOptions, train
+from adapters.training.progress import METRICS_FILE
+from adapters.training.trainer import EMBEDDING, FULL, TrainOptions, train
 
 __all__ = [
     "add_budget_arguments",
@@ -114,9 +115,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--task-type",
-        choices=("auto", "classification", "regression"),
+        choices=("auto", "classification", "regression", "embedding"),
         default="auto",
-        help="auto: regression when the targets are floats",
+        help="auto: regression when the targets are floats; embedding: sentence pairs with similarity "
+        "scores, trained by cosine (an embedding task, served on /v1/embeddings)",
     )
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=[*sorted(METHODS), FULL], help="adapter method, or 'full' (required)")
@@ -136,10 +138,22 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--train-layernorm", action="store_true", help="also train per-task LayerNorm overrides")
     m.add_argument("--pooling", choices=("cls", "mean", "pooler"), default="mean", help="head pooling")
     m.add_argument("--head-layers", type=int, choices=(1, 2), default=1)
-    m.add_argument("--prefix-mlp", type=int, default=0, help="prefix MLP reparameterisation width (0: off)")
+    m.add_argument(
+        "--prefix-mlp",
+        type=int,
+        help="prefix MLP reparameterisation width while training (default 512; 0: off)",
+    )
     t = p.add_argument_group("budget")
     add_budget_arguments(t, lr_help="default: per method")
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from the last checkpoint in --out (same flags as the first run)",
+    )
+    t.add_argument(
+        "--checkpoint-every", type=int, help="keep a checkpoint every N steps (default: each eval)"
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="artifact directory to write")
     o.add_argument("--task", help="task name (metadata; the upload's task)")
@@ -152,31 +166,20 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def renamed(task: TaskData, names: str | None) -> TaskData:
-    """The task with its labels renamed in order (`--label-names`)."""
-    if not names:
-        return task
-    new = [n.strip() for n in names.split(",")]
-    if task.kind == "regression":
-        raise ValueError("--label-names is for classification; this task is a regression")
-    if len(new) != len(task.labels) or len(set(new)) != len(new) or not all(new):
-        raise ValueError(
-            f"--label-names needs {len(task.labels)} distinct names for the labels {task.labels}"
-        )
-    rename = dict(zip(task.labels, new, strict=True))
-
-    def move(examples: list[Example]) -> list[Example]:
-        return [dataclasses.replace(e, label=rename[e.label]) for e in examples]
-
-    return dataclasses.replace(task, train=move(task.train), dev=move(task.dev), labels=new)
-
-
 def task_data(args: argparse.Namespace) -> TaskData:
     """The training (and dev) examples the data flags name: a GLUE task or CSV/TSV/JSONL files."""
     from adapters.training.data import infer_task, load_glue, read_examples
 
+    embedding = getattr(args, "task_type", None) == EMBEDDING
     if args.glue:
-        return renamed(load_glue(args.glue, root=args.glue_dir), getattr(args, "label_names", None))
+        task = load_glue(args.glue, root=args.glue_dir)
+        if embedding:
+            if task.kind != "regression" or not task.train or task.train[0].text_pair is None:
+                raise ValueError(
+                    f"--task-type embedding needs a task of scored sentence pairs (STS-B), not {task.name}"
+                )
+            return dataclasses.replace(task, kind=EMBEDDING)
+        return rename_labels(task, getattr(args, "label_names", None))
     cols = {
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
@@ -185,14 +188,23 @@ def task_data(args: argparse.Namespace) -> TaskData:
     }
     train_ex = read_examples(args.train_file, **cols)
     dev_ex = read_examples(args.dev_file, **cols) if args.dev_file else []
-    kind, labels = infer_task([e.label for e in train_ex], kind=args.task_type)
-    metrics = ("pearson", "spearman") if kind == "regression" else ("accuracy",)
+    column = args.label_column
+    if args.task_type in ("regression", EMBEDDING):
+        check_targets(train_ex, kind="regression", labels=[], column=column)
+    kind, labels = infer_task([e.label for e in train_ex], kind="regression" if embedding else args.task_type)
+    if embedding:
+        if args.text_pair_column is None:
+            raise ValueError("--task-type embedding trains on sentence pairs: give --text-pair-column")
+        kind = EMBEDDING
+    names = getattr(args, "label_names", None)
+    if not names or kind != "classification":
+        # with --label-names, the names (not the training file) say which dev labels are known
+        check_targets(dev_ex, kind="regression" if embedding else kind, labels=labels, column=column)
+    metrics = ("pearson", "spearman") if kind in ("regression", EMBEDDING) else ("accuracy",)
     if kind != "regression" and len(labels) == 2:
         metrics = ("accuracy", "f1", "matthews")
     name = args.task or args.train_file.stem
-    return renamed(
-        TaskData(name, train_ex, dev_ex, kind, labels, metrics), getattr(args, "label_names", None)
-    )
+    return rename_labels(TaskData(name, train_ex, dev_ex, kind, labels, metrics, column), names)
 
 
 # TrainOptions fields that a command's flag of the same name sets directly.
@@ -209,6 +221,7 @@ _OPTION_FLAGS = (
     "max_length",
     "eval_every",
     "patience",
+    "checkpoint_every",
     "train_layernorm",
     "pooling",
     "head_layers",
@@ -246,9 +259,38 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"adapterserve train: {exc}", file=sys.stderr)
         return 2
+    if args.resume and not args.out:
+        print("adapterserve train: --resume needs the interrupted run's --out DIR", file=sys.stderr)
+        return 2
+    out = args.out
+    if out is None and args.method != FULL:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="adapterserve-train-"))
     backbone = load_backbone(args.backbone or os.environ.get("ADAPTERSERVE_BACKBONE"), device=args.device)
     opts = options_from_args(args)
-    result = train(backbone, task, method=args.method, hyper=_hyper(args), options=opts)
+    try:
+        result = train(
+            backbone,
+            task,
+            method=args.method,
+            hyper=_hyper(args),
+            options=opts,
+            workdir=out,
+            resume=args.resume,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"adapterserve train: interrupted; the last checkpoint is in {out}/checkpoint "
+            "(the same command with --resume continues from it)",
+            file=sys.stderr,
+        )
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        if not args.resume:
+            raise
+        print(f"adapterserve train: {exc}", file=sys.stderr)
+        return 2
     report = {
         "task": task.name,
         "method": args.method,
@@ -259,12 +301,9 @@ def run_train(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
     }
+    if out is not None:
+        report["metrics"] = str(Path(out) / METRICS_FILE)
     if result.config is not None:
-        out = args.out
-        if out is None:
-            import tempfile
-
-            out = Path(tempfile.mkdtemp(prefix="adapterserve-train-"))
         write_artifact(out, result.config, result.tensors)
         report["artifact"] = str(out)
         if args.upload:
@@ -352,7 +391,7 @@ def run_train_hyper(args: argparse.Namespace) -> int:
             if not sep or task.lower() not in known:
                 raise ValueError(f"--label-names {item!r}: expected TASK=NAMES for one of the --glue tasks")
             names[task.lower()] = labels
-        tasks = [renamed(t, names.get(t.name.lower())) for t in tasks]
+        tasks = [rename_labels(t, names.get(t.name.lower())) for t in tasks]
     except (OSError, ValueError) as exc:
         print(f"adapterserve train-hyper: {exc}", file=sys.stderr)
         return 2

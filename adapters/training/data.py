@@ -6,11 +6,12 @@ Torch appears only in `Batches`; readers and metrics are plain Python and numpy.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +20,35 @@ import torch
 __all__ = [
     "GLUE_TASKS",
     "Batches",
+    "DataError",
     "Dataset",
     "Example",
     "GlueTask",
     "TaskData",
     "baseline_metrics",
+    "check_targets",
     "compute_metrics",
     "glue_dir",
     "infer_task",
     "load_glue",
     "read_examples",
+    "rename_labels",
     "subset",
     "tokenize",
 ]
 
 _REPO = Path(__file__).resolve().parents[2]
+
+
+class DataError(ValueError):
+    """A training file the trainer cannot use: names the file, the line and the column at fault."""
+
+    def __init__(self, message: str, *, file: str, line: int | None = None, column: str | int | None = None):
+        where = file if line is None else f"{file}, line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+        self.file, self.line, self.column = file, line, column
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,16 @@ class Example:
     text: str
     label: str
     text_pair: str | None = None
+    source: str | None = field(default=None, compare=False)
+    """The file name the example was read from (None: built in code)."""
+    line: int | None = field(default=None, compare=False)
+    """Its line in that file (1-based, the header counted)."""
+
+    def error(self, message: str, *, column: str | int | None = None) -> ValueError:
+        """An error about this example, naming its file, line and column where it has them."""
+        if self.source is None:
+            return ValueError(message)
+        return DataError(message, file=self.source, line=self.line, column=column)
 
 
 @dataclass(frozen=True)
@@ -92,22 +117,75 @@ def glue_dir() -> Path:
     return Path(env) if env else (_REPO.parent / "shared" / "data" / "glue").resolve()
 
 
-def _field(row: Sequence[str] | dict, col: str | int, *, where: str) -> str:
-    try:
-        value = row[col]  # type: ignore[index]
-    except (KeyError, IndexError):
-        raise ValueError(f"{where}: no column {col!r}") from None
-    if value is None:
-        raise ValueError(f"{where}: column {col!r} is empty")
-    return str(value)
-
-
 def _column(col: str | int, header: bool) -> str | int:
     if not header and isinstance(col, str):
         if not col.isdigit():
             raise ValueError(f"a file without a header names columns by 0-based index, not {col!r}")
         return int(col)
     return col
+
+
+def _rows(fh, *, suffix: str, name: str, header: bool) -> tuple[list[str] | None, Iterator[tuple[int, list]]]:
+    """The header (None: no header, or JSONL) and (line number, fields or object) of every row."""
+    if suffix == ".jsonl":
+
+        def objects():
+            for n, text in enumerate(fh, 1):
+                try:
+                    row = json.loads(text) if text.strip() else None
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"not JSON ({exc.msg})", file=name, line=n) from None
+                if row is not None and not isinstance(row, dict):
+                    raise DataError(f"expected a JSON object, got {type(row).__name__}", file=name, line=n)
+                yield n, row
+
+        return None, objects()
+    reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(fh)
+
+    def lines():
+        for r in reader:
+            yield reader.line_num, r
+
+    if not header:
+        return None, lines()
+    names = next(reader, None)
+    if not names or not any(x.strip() for x in names):
+        raise DataError("the header row is empty (use --no-header for a file without one)", file=name, line=1)
+    return names, lines()
+
+
+def _checked_rows(rows: Iterator[tuple[int, object]], *, name: str) -> Iterator[tuple[int, object]]:
+    """The rows, refusing an empty one in the middle (blank lines at the end of a file are fine)."""
+    blank: int | None = None
+    for n, row in rows:
+        empty = row is None or (isinstance(row, list) and not any(str(x).strip() for x in row))
+        if empty:
+            blank = n if blank is None else blank
+            continue
+        if blank is not None:
+            raise DataError("empty row (every row needs a text and a label)", file=name, line=blank)
+        yield n, row
+
+
+def _value(row: list | dict, col: str | int, *, names: list[str] | None, name: str, n: int) -> object:
+    """One cell, with an error naming file, line and column when the row lacks it or it is empty."""
+    if isinstance(row, dict):
+        if col not in row:
+            raise DataError("missing from this JSON object", file=name, line=n, column=col)
+        value = row[col]
+    else:
+        index = names.index(col) if names is not None else col
+        if index >= len(row):
+            width = f"the header has {len(names)}" if names is not None else f"column {col} was asked for"
+            raise DataError(f"missing: the row has {len(row)} fields, {width}", file=name, line=n, column=col)
+        value = row[index]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError("empty", file=name, line=n, column=col)
+    if isinstance(value, (dict, list)):
+        raise DataError(
+            f"expected a text or a number, got {type(value).__name__}", file=name, line=n, column=col
+        )
+    return value
 
 
 def read_examples(
@@ -118,36 +196,34 @@ def read_examples(
     text_pair_column: str | int | None = None,
     header: bool = True,
 ) -> list[Example]:
-    """Read a .csv, .tsv (quoting off, as GLUE's files need) or .jsonl file into examples."""
+    """Read a .csv, .tsv (quoting off, as GLUE's files need) or .jsonl file into examples.
+
+    Every row is checked before any is used: a column the header lacks, a row too short for a
+    column, an empty cell and an empty row in the middle of the file each raise `DataError` with
+    the file, line and column.
+    """
     path = Path(path)
-    suffix = path.suffix.lower()
-    rows: Iterator[tuple[int, Sequence[str] | dict]]
+    suffix, name = path.suffix.lower(), path.name
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise ValueError(f"{name}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+    header = header or suffix == ".jsonl"
+    cols = [_column(c, header) for c in (text_column, label_column)]
+    pair = None if text_pair_column is None else _column(text_pair_column, header)
+    out = []
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        if suffix == ".jsonl":
-            rows = ((n, json.loads(line)) for n, line in enumerate(fh, 1) if line.strip())
-            header = True
-        elif suffix in (".tsv", ".csv"):
-            reader = (
-                csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(fh)
+        names, rows = _rows(fh, suffix=suffix, name=name, header=header)
+        for col in [*cols, pair] if names is not None else ():
+            if col is not None and col not in names:
+                have = ", ".join(repr(x) for x in names)
+                raise DataError(f"not in the header (it has {have})", file=name, line=1, column=col)
+        for n, row in _checked_rows(rows, name=name):
+            text, label = (_value(row, c, names=names, name=name, n=n) for c in cols)
+            second = None if pair is None else str(_value(row, pair, names=names, name=name, n=n))
+            out.append(
+                Example(text=str(text), label=_label_text(label), text_pair=second, source=name, line=n)
             )
-            if header:
-                names = next(reader)
-                rows = ((n, dict(zip(names, r, strict=False))) for n, r in enumerate(reader, 2) if r)
-            else:
-                rows = ((n, r) for n, r in enumerate(reader, 1) if r)
-        else:
-            raise ValueError(f"{path.name}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
-        cols = [_column(c, header) if c is not None else None for c in (text_column, text_pair_column)]
-        label = _column(label_column, header)
-        out = []
-        for n, row in rows:
-            where = f"{path.name}:{n}"
-            pair = None if cols[1] is None else _field(row, cols[1], where=where)
-            lab = row[label] if isinstance(row, dict) and label in row else None
-            lab_text = _field(row, label, where=where) if lab is None else _label_text(lab)
-            out.append(Example(text=_field(row, cols[0], where=where), text_pair=pair, label=lab_text))
     if not out:
-        raise ValueError(f"{path.name}: no examples")
+        raise DataError("no examples", file=name)
     return out
 
 
@@ -197,6 +273,57 @@ class TaskData:
     kind: str
     labels: list[str]
     metrics: tuple[str, ...]
+    label_column: str | int = "label"
+    """Where the labels were read from (errors about a label name it)."""
+
+
+def check_targets(
+    examples: Sequence[Example], *, kind: str, labels: Sequence[str], column: str | int
+) -> None:
+    """Every example's label is a finite number (regression) or one of `labels`; else a `DataError`."""
+    known = set(labels)
+    for e in examples:
+        if kind == "regression":
+            if _as_float(e.label) is None:
+                raise e.error(f"regression needs a finite number, got {e.label!r}", column=column)
+        elif e.label not in known:
+            raise e.error(
+                f"label {e.label!r} is not one of the task's labels ({', '.join(labels)})", column=column
+            )
+
+
+def rename_labels(task: TaskData, names: str | None) -> TaskData:
+    """The task with the head's label names from `--label-names` (comma-separated, in head order).
+
+    Integer labels (GLUE's 0, 1) index the names. Other labels must be among the names, whose
+    order becomes the head's; or, when no name is a label and there is one per label, the names
+    rename the labels in their sorted order. A label that fits none raises a `DataError` at its line.
+    """
+    if not names:
+        return task
+    new = [n.strip() for n in names.split(",")]
+    if task.kind == "regression":
+        raise ValueError("--label-names is for classification; this task is a regression")
+    if len(new) < 2 or len(set(new)) != len(new) or not all(new):
+        raise ValueError(f"--label-names needs at least two distinct, non-empty names; got {names!r}")
+    if all(lab.isdigit() for lab in task.labels):
+        rename = {lab: new[int(lab)] for lab in task.labels if int(lab) < len(new)}
+        what = f"an index into --label-names (0 to {len(new) - 1}: {', '.join(new)})"
+    elif not set(task.labels) & set(new) and len(new) == len(task.labels):
+        # all-new names, one per label: a renaming, in the labels' sorted order
+        rename = dict(zip(task.labels, new, strict=True))
+        what = ""
+    else:
+        rename = {n: n for n in new}
+        what = f"one of --label-names ({', '.join(new)})"
+    for e in (*task.train, *task.dev):
+        if e.label not in rename:
+            raise e.error(f"label {e.label!r} is not {what}", column=task.label_column)
+
+    def move(examples: list[Example]) -> list[Example]:
+        return [dataclasses.replace(e, label=rename[e.label]) for e in examples]
+
+    return dataclasses.replace(task, train=move(task.train), dev=move(task.dev), labels=new)
 
 
 def load_glue(name: str, *, root: Path | None = None) -> TaskData:
@@ -218,7 +345,10 @@ def load_glue(name: str, *, root: Path | None = None) -> TaskData:
             header=task.header,
         )
     kind = "regression" if task.regression else "classification"
-    return TaskData(key, split["train"], split["dev"], kind, list(task.labels), task.metrics)
+    data = TaskData(key, split["train"], split["dev"], kind, list(task.labels), task.metrics, task.label)
+    for part in (data.train, data.dev):
+        check_targets(part, kind=kind, labels=data.labels, column=task.label)
+    return data
 
 
 def subset(examples: list, limit: int | None, generator: torch.Generator) -> list:

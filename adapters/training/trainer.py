@@ -13,14 +13,17 @@ measure against, which writes no artifact.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from adapters.backbone import Backbone
 from adapters.banks import BankedLinear
@@ -28,6 +31,8 @@ from adapters.heads import decode_row
 from adapters.methods import get_method
 from adapters.methods.base import is_norm_tensor
 from adapters.model import BankConfig, MultiTaskModel
+from adapters.training import checkpoint
+from adapters.training.checkpoint import CHECKPOINT_DIR
 from adapters.training.data import (
     Batches,
     Dataset,
@@ -37,7 +42,9 @@ from adapters.training.data import (
     subset,
     tokenize,
 )
+from adapters.training.embedding import PairData, cosine_loss, evaluate_pairs, score_range
 from adapters.training.prefix import PrefixMLP
+from adapters.training.progress import METRICS_FILE, Progress
 from store.artifact import expected_tensors, parse_config
 
 __all__ = [
@@ -82,6 +89,11 @@ DEFAULT_LR: dict[str, float] = {
 """Peak learning rate per method (adapters tolerate far larger steps than full fine-tuning)."""
 
 FULL = "full"
+EMBEDDING = "embedding"
+"""The task kind of sentence-pair similarity trained by cosine (`adapters.training.embedding`)."""
+
+PREFIX_MLP = 512
+"""Width of the prefix MLP while training prefix tuning and MAM (Li & Liang's 512; folded away at export)."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +129,12 @@ class TrainOptions:
     head_layers: int = 1
     prefix_init: str = "tokens"
     """Prefix start: 'tokens' (keys/values of real tokens, Li & Liang) or 'random' (small normal)."""
-    prefix_mlp: int = 0
-    """Hidden width of the prefix MLP reparameterisation (0: train the prefixes directly)."""
+    prefix_mlp: int | None = None
+    """Hidden width of the prefix MLP reparameterisation (None: `PREFIX_MLP`; 0: train the prefixes directly)."""
     progress: bool = True
+    """Show a progress bar and a line per evaluation (stderr)."""
+    checkpoint_every: int | None = None
+    """With a run directory: keep a resumable checkpoint every this many steps; None: at each evaluation."""
 
 
 @dataclass
@@ -156,8 +171,12 @@ def build_config(
 ):
     """The artifact config of a method: its defaults, then `hyper`, then head and LayerNorm settings."""
     opts = options or TrainOptions()
-    head = {"type": kind, "labels": labels if kind != "regression" else [], "pooling": opts.pooling}
-    head["layers"] = opts.head_layers
+    if kind == EMBEDDING:
+        # no weights: the task's answer is its pooled, normalised sentence vector
+        head = {"type": "embedding", "pooling": opts.pooling}
+    else:
+        head = {"type": kind, "labels": labels if kind != "regression" else [], "pooling": opts.pooling}
+        head["layers"] = opts.head_layers
     raw = {"method": "layernorm", "layernorm": False} if method == FULL else dict(METHOD_DEFAULTS[method])
     if method != FULL:
         raw |= {"method": method, **(hyper or {}), "layernorm": opts.train_layernorm or method == "layernorm"}
@@ -324,8 +343,17 @@ def train(
     method: str,
     hyper: dict | None = None,
     options: TrainOptions | None = None,
+    workdir: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train one adapter (or, for `full`, the whole backbone) and return the best dev checkpoint."""
+    """Train one adapter (or, for `full`, the whole backbone) and return the best dev checkpoint.
+
+    With `workdir` (the artifact's directory) the run writes `metrics.jsonl` there and keeps its
+    last checkpoint in `workdir/checkpoint/` (removed once the run ends); `resume` continues from
+    that checkpoint and takes exactly the steps the interrupted run would have taken. `on_step` is
+    called after every step with the step count.
+    """
     opts = options or TrainOptions()
     if method != FULL:
         get_method(method)
@@ -339,8 +367,16 @@ def train(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_ex = subset(task.train, opts.max_train_examples, g)
     dev_ex = subset(task.dev, opts.max_dev_examples, g)
-    enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
-    train_data, dev_data = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
+    embedding = task.kind == EMBEDDING
+    if embedding:
+        low, high = score_range(train_ex)
+        pair_kw = {"max_length": opts.max_length, "pad_id": pad}
+        pairs = PairData(tok, train_ex, batch_size=opts.batch_size, **pair_kw)
+        dev_pairs = PairData(tok, dev_ex, batch_size=64, **pair_kw)
+        train_data, dev_data = pairs.first.data, dev_pairs.first.data
+    else:
+        enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
+        train_data, dev_data = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
     target_mean = float(train_data.targets.float().mean()) if task.kind == "regression" else 0.0
     config = build_config(method, backbone, kind=task.kind, labels=task.labels, hyper=hyper, options=opts)
     # tiny attention trains its heads apart; `deploy` decides how they are served (and evaluated)
@@ -352,26 +388,25 @@ def train(
         k: nn.Parameter(v.to(backbone.device, backbone.dtype))
         for k, v in init_tensors(config, model, generator=g, options=opts, target_mean=target_mean).items()
     }
-    params: list[nn.Parameter] = list(tensors.values())
+    named: dict[str, nn.Parameter] = dict(tensors)
     reparam = None
-    if opts.prefix_mlp and config.method in ("prefix", "mam"):
-        spec = backbone.spec
+    mid = PREFIX_MLP if opts.prefix_mlp is None else opts.prefix_mlp
+    if mid and config.method in ("prefix", "mam"):
         reparam = PrefixMLP(
-            length=config.prefix_length,
-            hidden=spec.hidden_size,
-            mid=opts.prefix_mlp,
-            layers=spec.num_layers,
-            inner=spec.inner_dim,
+            start={k: v.detach().float().cpu() for k, v in tensors.items() if ".prefix." in k},
+            hidden=backbone.spec.hidden_size,
+            mid=mid,
             generator=g,
         ).to(backbone.device, backbone.dtype)
         for k in list(tensors):
             if ".prefix." in k:
                 del tensors[k]
-        params = list(tensors.values()) + list(reparam.parameters())
+        named = dict(tensors) | {f"reparam.{k}": v for k, v in reparam.named_parameters()}
     if method == FULL:
         for p in backbone.model.parameters():
             p.requires_grad_(True)
-        params += list(backbone.model.parameters())
+        named |= {f"backbone.{k}": v for k, v in backbone.model.named_parameters()}
+    params = list(named.values())
     lr = opts.lr or DEFAULT_LR[method]
     decay = opts.weight_decay if opts.weight_decay else (0.01 if method == FULL else 0.0)
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
@@ -381,6 +416,7 @@ def train(
     warmup = max(1, int(opts.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total=total, warmup=warmup))
     eval_every = opts.eval_every or len(batches)
+    keep_every = opts.checkpoint_every or eval_every
 
     def current() -> dict[str, torch.Tensor]:
         return tensors | reparam() if reparam is not None else tensors
@@ -389,60 +425,122 @@ def train(
         final = dict(tensors) | (reparam.collapse() if reparam is not None else {})
         return {k: v.detach().float().cpu().clone() for k, v in final.items()}
 
-    best: dict | None = None
+    run = _run_identity(method, hyper, opts, n_train=len(train_data), n_dev=len(dev_data))
+    ckpt_dir = Path(workdir) / CHECKPOINT_DIR if workdir is not None else None
+    loop = {"best": None, "stale": 0, "ema": None, "history": [], "total": total, "elapsed": 0.0}
     best_tensors: dict[str, torch.Tensor] | None = None
-    history: list[dict] = []
-    stale = 0
-    step = 0
-    ema = None
+    step, pending = 0, []
+    if resume:
+        if ckpt_dir is None:
+            raise ValueError("resume needs the run's output directory (where its checkpoint is)")
+        state = checkpoint.load(ckpt_dir)
+        _check_same_run(state.run, run, where=ckpt_dir)
+        with torch.no_grad():
+            for k, v in named.items():
+                v.copy_(state.params[k])
+        optim.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        g.set_state(state.generator)
+        torch.set_rng_state(state.rng)
+        step, pending, loop, best_tensors = state.step, state.pending, state.loop, state.best_tensors
+        total = loop["total"]
+
+    def keep() -> None:
+        ckpt = checkpoint.Checkpoint(
+            run=run,
+            step=step,
+            params={k: v.detach() for k, v in named.items()},
+            optimizer=optim.state_dict(),
+            scheduler=sched.state_dict(),
+            pending=pending,
+            generator=g.get_state(),
+            rng=torch.get_rng_state(),
+            loop=loop | {"total": total, "elapsed": loop["elapsed"] + time.perf_counter() - session},
+            best_tensors=best_tensors,
+        )
+        checkpoint.save(ckpt_dir, ckpt)
+
+    metrics = Path(workdir) / METRICS_FILE if workdir is not None else None
+    shown = Progress(
+        desc=f"{task.name} {method}",
+        total=total,
+        start=step,
+        enabled=opts.progress,
+        metrics=metrics,
+        history=loop["history"],
+    )
+
+    def score(cfg, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        if embedding:
+            return evaluate_pairs(model, cfg, weights, dev_pairs, metrics=task.metrics)
+        return evaluate(model, cfg, weights, dev, metrics=task.metrics)
+
+    if embedding:
+        # the baseline of an embedding task is the plain backbone's own sentence vectors (slot 0)
+        base = evaluate_pairs(model, config, None, dev_pairs, metrics=task.metrics) if len(dev_data) else {}
+    session = time.perf_counter()
     backbone.model.train(opts.dropout)
-    bar = tqdm(total=total, desc=f"{task.name} {method}", unit="step", disable=not opts.progress, leave=False)
     try:
         while step < total:
-            for idx in batches.epoch(g):
+            if not pending:
+                pending = batches.epoch(g)
+            idx = pending.pop(0)
+            model.bind(fit_config, current())
+            if embedding:
+                loss = cosine_loss(model, pairs, idx, head=config.head, low=low, high=high)
+            else:
                 ids, mask, y = batches.collate(idx)
                 dev_ = backbone.device
                 extra = {k: v.to(dev_) for k, v in batches.extra(idx).items()}
-                model.bind(fit_config, current())
                 logits = _head_logits(model.train_forward(ids.to(dev_), mask.to(dev_), **extra), config)
                 loss = _loss(logits.float(), y.to(dev_), task.kind)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if opts.max_grad_norm:
-                    nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-                optim.step()
-                sched.step()
-                step += 1
-                value = loss.item()
-                ema = value if ema is None else 0.9 * ema + 0.1 * value
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{ema:.4f}",
-                    lr=f"{sched.get_last_lr()[0]:.2e}",
-                    ex_s=f"{bar.format_dict['rate'] * len(idx):.0f}" if bar.format_dict.get("rate") else "-",
-                )
-                if len(dev_data) and (step % eval_every == 0 or step == total):
-                    scores = evaluate(model, fit_config, current(), dev, metrics=task.metrics)
-                    history.append({"step": step, "loss": ema, **scores})
-                    if best is None or scores["score"] > best["score"]:
-                        best, stale = scores, 0
-                        best_tensors = snapshot() if method != FULL else None
-                    else:
-                        stale += 1
-                    bar.set_description(f"{task.name} {method} dev {scores['score']:.4f}")
-                    if opts.patience is not None and stale >= opts.patience:
-                        total = step
-                if step >= total:
-                    break
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.max_grad_norm:
+                nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            optim.step()
+            sched.step()
+            step += 1
+            value = loss.item()
+            loop["ema"] = value if loop["ema"] is None else 0.9 * loop["ema"] + 0.1 * value
+            shown.step(loss=loop["ema"], lr=sched.get_last_lr()[0])
+            if len(dev_data) and (step % eval_every == 0 or step == total):
+                scores = score(fit_config, current())
+                elapsed = loop["elapsed"] + time.perf_counter() - session
+                record = {
+                    "event": "eval",
+                    "step": step,
+                    "loss": loop["ema"],
+                    **scores,
+                    "elapsed_s": round(elapsed, 1),
+                }
+                loop["history"].append(record)
+                if loop["best"] is None or scores["score"] > loop["best"]["score"]:
+                    loop["best"], loop["stale"] = scores, 0
+                    best_tensors = snapshot() if method != FULL else None
+                else:
+                    loop["stale"] += 1
+                shown.evaluated(record, best=loop["best"]["score"])
+                if opts.patience is not None and loop["stale"] >= opts.patience:
+                    total = step  # early stop: the best checkpoint so far is the result
+            if ckpt_dir is not None and step < total and step % keep_every == 0:
+                keep()
+            if on_step is not None:
+                on_step(step)
     finally:
-        bar.close()
+        shown.close()
         backbone.model.eval()
         if method == FULL:
             for p in backbone.model.parameters():
                 p.requires_grad_(False)
-    base = (
-        baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics) if len(dev_data) else {}
-    )
+    best = loop["best"]
+    history = loop["history"]
+    if not embedding:
+        base = (
+            baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics)
+            if len(dev_data)
+            else {}
+        )
     n_backbone = sum(p.numel() for p in backbone.model.parameters())
     result = TrainResult(
         method=method,
@@ -463,15 +561,47 @@ def train(
         if best_tensors is not None and fit_config is config and reparam is None:
             served = dict(best)  # the best checkpoint was evaluated with exactly the served forward
         else:
-            served = evaluate(model, config, final, dev, metrics=task.metrics) if len(dev_data) else {}
+            served = score(config, final) if len(dev_data) else {}
         meta = _metadata(task, method=method, opts=opts, lr=lr, steps=step, n=len(train_data), dev=served)
         meta |= {f"baseline_{k}": round(v, 6) for k, v in base.items()}
+        if embedding:
+            # the gold scores' range the cosine was trained to match, scaled to [0, 1]
+            meta |= {"similarity_low": low, "similarity_high": high}
         result.config = config.model_copy(update={"metadata": meta})
         result.tensors = final
         result.dev = served
         result.trainable_params = sum(v.numel() for v in final.values())
     result.seconds = time.perf_counter() - started
+    shown.write({"event": "done", "steps": step, "best": best or {}, "served": result.dev, "baseline": base})
+    if ckpt_dir is not None:
+        # the run is complete: nothing left to resume
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+# TrainOptions fields that change neither the steps taken nor their order (a resume may change them).
+_FREE = ("progress", "checkpoint_every")
+
+
+def _run_identity(method: str, hyper: dict | None, opts: TrainOptions, *, n_train: int, n_dev: int) -> dict:
+    """What a checkpoint must agree with to be resumed by this run."""
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _FREE}
+    return {"method": method, "hyper": hyper or {}, "options": options, "train": n_train, "dev": n_dev}
+
+
+def _check_same_run(saved: dict, now: dict, *, where: Path) -> None:
+    """Refuse to resume a checkpoint written by a run with other settings or data."""
+    now = json.loads(json.dumps(now))  # the saved side went through JSON (tuples became lists)
+
+    def flat(run: dict) -> dict:
+        return {k: v for k, v in run.items() if k != "options"} | run.get("options", {})
+
+    a, b = flat(saved), flat(now)
+    if a != b:
+        differ = [k for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+        raise ValueError(
+            f"the checkpoint in {where} is from a different run (it differs in: {', '.join(differ)})"
+        )
 
 
 def _metadata(task: TaskData, *, method: str, opts: TrainOptions, lr: float, steps: int, n: int, dev: dict):
