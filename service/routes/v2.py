@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Request, Response
+from starlette.requests import ClientDisconnect
 
 from service.decode import task_kind
 from service.engine import Embed
@@ -42,7 +43,14 @@ from service.routes.v2_protocol import (
 )
 from service.runtime import Service
 from service.settings import Settings
-from store.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, VersionConflict
+from store.errors import (
+    ClientDisconnected,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    VersionConflict,
+)
 
 __all__ = ["router"]
 
@@ -277,11 +285,14 @@ async def _read_body(request: Request, *, limit: int) -> bytes:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}", limit=limit)
     chunks = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client went away while sending the body") from None
     raw = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
@@ -301,7 +312,7 @@ async def _read_body(request: Request, *, limit: int) -> bytes:
     return out
 
 
-def _rows(body: InferenceRequest, binary: dict[str, bytes], kind: str | None) -> list:
+def _rows(body: InferenceRequest, binary: dict[str, bytes], kind: str) -> list:
     """The inputs as predict takes them: texts, or [text, text_pair] pairs."""
     by_name = {i.name: i for i in body.inputs}
     allowed = {"text", "text_pair"} if kind in _PAIRS else {"text"}

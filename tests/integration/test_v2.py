@@ -505,7 +505,11 @@ async def test_bad_infer_requests_are_refused_before_any_forward(running, artifa
         (b"{", {}, "JSON"),
         (b'{"inputs": []}', {HEADER: "99"}, "within"),
         (b'{"inputs": []}', {HEADER: "-1"}, "within"),
-        (b'{"inputs": []}', {HEADER: "\u00b2".encode("latin-1")}, "within"),  # a digit to str.isdigit, not to int()
+        (
+            b'{"inputs": []}',
+            {HEADER: "\u00b2".encode("latin-1")},
+            "within",
+        ),  # a digit to str.isdigit, not to int()
         (b"not gzip", {"Content-Encoding": "gzip"}, "gzip"),
         (b"{}", {"Content-Encoding": "br"}, "Content-Encoding"),
     ],
@@ -554,3 +558,35 @@ async def test_v2_requests_are_counted_and_need_a_key(running, artifacts):
         assert 'adapterserve_requests_total{status="200",task="cls"} 1.0' in metrics
         assert 'adapterserve_requests_total{status="400",task="cls"} 1.0' in metrics
         assert 'adapterserve_tokens_total{task="cls"}' in metrics
+
+
+async def test_a_client_gone_mid_body_is_no_server_error(running, artifacts, caplog):
+    async with running() as (app, client):
+        spec = app.state.service.backbone.spec
+        await _task(client, artifacts, spec, "cls", head={"type": "classification", "labels": LABELS}, seed=1)
+        messages = iter([{"type": "http.request", "body": b'{"inputs": [', "more_body": True}])
+        sent = []
+
+        async def receive():
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v2/models/cls/infer",
+            "raw_path": b"/v2/models/cls/infer",
+            "query_string": b"",
+            "headers": [(b"host", b"test")],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            "app": app,
+        }
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 499
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
