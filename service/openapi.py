@@ -21,6 +21,7 @@ __all__ = [
     "UPLOAD_BODY",
     "TaskName",
     "Version",
+    "VersionNumber",
     "errors",
 ]
 
@@ -35,6 +36,11 @@ TaskName = Annotated[
         "or digit, without '..'.",
         json_schema_extra={"pattern": NAME_PATTERN, "minLength": 1, "maxLength": 64},
     ),
+]
+
+# `/versions/{version}` of the delete routes: out of range is a 422, as the store refuses it.
+VersionNumber = Annotated[
+    int, Path(ge=1, le=999_999_999, description="A stored version number (versions count from 1).")
 ]
 
 # `?version=N` of the upload routes (tasks and hypernetworks): out of range is a 422.
@@ -101,15 +107,25 @@ UPLOAD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "config": {"type": "string", "format": "binary", "description": "The config (JSON)."},
+                        "config": {
+                            "type": "object",
+                            "description": "The config: a JSON object (the artifact's `adapter_config.json`).",
+                        },
                         "weights": {
                             "type": "string",
                             "format": "binary",
-                            "description": "The weights (safetensors).",
+                            "description": "The weights: a safetensors file.",
                         },
                     },
                     "required": ["config", "weights"],
-                }
+                    # Any other part is refused with 400 (service/uploads.py).
+                    "additionalProperties": False,
+                },
+                # What each part holds; a config that is not JSON is refused with 422.
+                "encoding": {
+                    "config": {"contentType": "application/json"},
+                    "weights": {"contentType": "application/octet-stream"},
+                },
             }
         },
     }

@@ -12,7 +12,16 @@ from fastapi.responses import JSONResponse
 
 from service.errors import status_of
 from service.metrics import CONTENT_TYPE_LATEST
-from service.openapi import ADMIN, HEALTH_503, METRICS_200, UPLOAD_BODY, TaskName, Version, errors
+from service.openapi import (
+    ADMIN,
+    HEALTH_503,
+    METRICS_200,
+    UPLOAD_BODY,
+    TaskName,
+    Version,
+    VersionNumber,
+    errors,
+)
 from service.routes.common import ADMIN_KEY, INFERENCE_KEY, counted, orjson_response, service_of
 from service.runtime import Service
 from service.schemas import (
@@ -212,7 +221,7 @@ async def delete_adapter(task: TaskName, request: Request) -> Response:
     dependencies=ADMIN_KEY,
     responses=errors(400, *ADMIN, 404, 409, 422, 503),
 )
-async def delete_version(task: TaskName, version: int, request: Request) -> Response:
+async def delete_version(task: TaskName, version: VersionNumber, request: Request) -> Response:
     """Remove one version that is not current."""
     await service_of(request).registry.delete_version(task, version)
     return Response(status_code=204)
@@ -276,7 +285,7 @@ async def delete_hypernetwork(name: TaskName, request: Request) -> Response:
     dependencies=ADMIN_KEY,
     responses=errors(400, *ADMIN, 404, 409, 422, 503),
 )
-async def delete_hypernetwork_version(name: TaskName, version: int, request: Request) -> Response:
+async def delete_hypernetwork_version(name: TaskName, version: VersionNumber, request: Request) -> Response:
     """Remove one version that is not current (tasks generate from the current one)."""
     await service_of(request).hypernetworks.delete_version(name, version)
     return Response(status_code=204)
