@@ -57,11 +57,23 @@ def _fmt(v: float) -> str:
     return f"{round(100 * v, 1) + 0.0:.1f}"  # + 0.0: no "-0.0"
 
 
-def _metric_cell(scores: dict, metrics: tuple[str, ...]) -> str:
+def _metric_cell(scores: dict, metrics: tuple[str, ...], std: dict | None = None) -> str:
     if not scores:
         return "-"
-    parts = [_fmt(scores[m]) for m in metrics if m in scores]
+    parts = [
+        _fmt(scores[m]) + (f" ± {_fmt(std[m])}" if std and m in std else "") for m in metrics if m in scores
+    ]
     return " / ".join(parts)
+
+
+def mean_std(devs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per metric, the mean and the sample standard deviation (n - 1) of several seeds' dev scores."""
+    keys = [k for k in devs[0] if all(k in d for d in devs)]
+    mean = {k: sum(d[k] for d in devs) / len(devs) for k in keys}
+    if len(devs) < 2:
+        return mean, {}
+    std = {k: (sum((d[k] - mean[k]) ** 2 for d in devs) / (len(devs) - 1)) ** 0.5 for k in keys}
+    return mean, std
 
 
 def render(*, rows: list[dict], config: dict, complete: bool) -> str:
@@ -88,8 +100,14 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
         f"max length {config['max_length']} tokens"
         + "".join(f" ({t}: {n})" for t, n in (config.get("max_length_for") or {}).items())
         + f", batch size {config['batch_size']}, linear warm-up over "
-        f"{int(100 * config['warmup'])}% of the steps then linear decay, seed {config['seed']}, "
-        "each method at its default learning rate (`adapters.training.trainer.DEFAULT_LR`)"
+        f"{int(100 * config['warmup'])}% of the steps then linear decay, "
+        + (
+            f"seeds {config['seed']} to {config['seed'] + config['seeds'] - 1} (each cell: mean ± sample "
+            "standard deviation over the seeds; seconds: the seeds' total), "
+            if config.get("seeds", 1) > 1
+            else f"seed {config['seed']}, "
+        )
+        + "each method at its default learning rate (`adapters.training.trainer.DEFAULT_LR`)"
         + (
             " except " + ", ".join(f"{m} at {lr:g}" for m, lr in config["lr_for"].items())
             if config.get("lr_for")
@@ -137,9 +155,11 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
                 if full is None or r["method"] == "full"
                 else f"{100 * (r['dev']['score'] - full['dev']['score']):+.1f}"
             )
+            std = r.get("dev_std") or {}
+            score = _fmt(r["dev"]["score"]) + (f" ± {_fmt(std['score'])}" if "score" in std else "")
             out.append(
                 f"| {ROW_NAMES.get(r['method'], r['method'])} | {r['trainable_percent']:.3f} | "
-                f"{_metric_cell(r['dev'], spec.metrics)} | {_fmt(r['dev']['score'])} | {gap} | {r['seconds']:.0f} |"
+                f"{_metric_cell(r['dev'], spec.metrics, std)} | {score} | {gap} | {r['seconds']:.0f} |"
             )
             if full is not None:
                 summary.append((r["method"], task, r["dev"]["score"] - full["dev"]["score"]))
@@ -351,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=float, default=0.06)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row (--seed, --seed + 1, ...): mean ± std")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--glue-dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
@@ -403,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "seed": args.seed,
+        "seeds": args.seeds,
         "env": environment(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -419,21 +441,25 @@ def main(argv: list[str] | None = None) -> int:
         return loaded[name]
 
     def budget_of(name: str, **extra) -> dict:
-        return {
-            "train_examples": examples_for.get(name, args.train_examples),
-            "epochs": epochs_for.get(name, args.epochs),
-            "max_length": length_for.get(name, args.max_length),
-            "batch_size": args.batch_size,
-            "warmup": args.warmup,
-            "seed": args.seed,
-        } | extra
+        return (
+            {
+                "train_examples": examples_for.get(name, args.train_examples),
+                "epochs": epochs_for.get(name, args.epochs),
+                "max_length": length_for.get(name, args.max_length),
+                "batch_size": args.batch_size,
+                "warmup": args.warmup,
+                "seed": args.seed,
+            }
+            | ({"seeds": args.seeds} if args.seeds > 1 else {})
+            | extra
+        )
 
-    def options(name: str, **extra) -> TrainOptions:
+    def options(name: str, seed: int | None = None, **extra) -> TrainOptions:
         return TrainOptions(
             epochs=epochs_for.get(name, args.epochs),
             batch_size=args.batch_size,
             warmup=args.warmup,
-            seed=args.seed,
+            seed=args.seed if seed is None else seed,
             max_train_examples=examples_for.get(name, args.train_examples),
             max_length=length_for.get(name, args.max_length),
             progress=False,
@@ -463,23 +489,30 @@ def main(argv: list[str] | None = None) -> int:
             if done is not None:
                 add(done, fresh=False)
                 continue
-            log(f"{task_name} {method}: training")
-            # a fresh backbone per row: training wraps its projections, and `full` changes its weights
-            backbone = load_backbone(device="cpu", dtype="float32")
-            result = train(backbone, task, method=method, options=options(task_name, lr=lr_for.get(method)))
+            results = []
+            for seed in range(args.seed, args.seed + args.seeds):
+                log(f"{task_name} {method}: training (seed {seed})")
+                # a fresh backbone per run: training wraps its projections, and `full` changes its weights
+                backbone = load_backbone(device="cpu", dtype="float32")
+                opts = options(task_name, seed=seed, lr=lr_for.get(method))
+                results.append(train(backbone, task, method=method, options=opts))
+            result = results[0]
+            dev, std = mean_std([r.dev for r in results])
             row = _row(
                 task_name,
                 method,
                 budget=budget,
-                dev=result.dev,
+                dev=dev,
                 params=result.trainable_params,
                 of=result.backbone_params,
                 steps=result.steps,
                 train_examples=result.train_examples,
-                seconds=result.seconds,
+                seconds=sum(r.seconds for r in results),
                 baseline=result.baseline,
                 history=result.history,
             )
+            if args.seeds > 1:
+                row |= {"dev_std": std, "dev_runs": [r.dev for r in results]}
             add(row, fresh=True)
     if hyper_tasks:
         _hyper_rows(

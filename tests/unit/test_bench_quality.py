@@ -109,3 +109,22 @@ def test_resume_reuses_a_row_only_under_the_same_budget(tmp_path):
 def test_steps_count_like_the_trainer(n, epochs, expected):
     """Joint-run budgets add up the single-task runs' steps, counted as `adapters.training.trainer` counts them."""
     assert _steps(n, epochs=epochs, batch_size=32) == expected
+
+
+def test_several_seeds_show_mean_and_sample_std_against_the_statistics_module() -> None:
+    """--seeds 3: each cell is the seeds' mean ± their sample standard deviation."""
+    import statistics
+
+    from bench.quality import mean_std
+
+    devs = [{"accuracy": a, "score": a} for a in (0.80, 0.83, 0.815)]
+    mean, std = mean_std(devs)
+    assert mean["accuracy"] == pytest.approx(statistics.mean([0.80, 0.83, 0.815]))
+    assert std["accuracy"] == pytest.approx(statistics.stdev([0.80, 0.83, 0.815]))
+    row = _row("SST-2", "bottleneck", mean["score"]) | {"dev_std": std}
+    text = render(
+        rows=[_row("SST-2", "full", 0.85), row], config=_config(tasks=["SST-2"], seeds=3), complete=True
+    )
+    assert "| 81.5 ± 1.5 | 81.5 ± 1.5 | -3.5 |" in text
+    assert "seeds 0 to 2 (each cell: mean ± sample standard deviation" in text
+    assert mean_std(devs[:1]) == ({"accuracy": 0.80, "score": 0.80}, {})
