@@ -49,6 +49,7 @@ STORE_TESTS = (
     "tests/unit/test_store_usage.py",
     "tests/unit/test_store_recovery.py",
     "tests/unit/test_store_local.py",
+    "tests/unit/test_store_contract.py",
     "tests/unit/test_store_power_loss.py",
     "tests/unit/test_artifact_rules.py",
 )

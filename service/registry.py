@@ -110,6 +110,41 @@ class Registry:
         self._sync_pins()
         log.info("registry: %d tasks in the store", len(names))
 
+    async def refresh(self) -> int:
+        """Follow what other servers sharing the store changed: new tasks, moved pointers, deletions.
+
+        Requests already admitted finish on the version they hold; new ones lease the new current
+        version. Returns how many tasks changed.
+        """
+        found = await asyncio.to_thread(self.store.current_versions, KIND)
+        changed = 0
+        for name in sorted(set(found) | set(self._tasks)):
+            async with self._lock(name):
+                state = self._tasks.get(name)
+                if name not in found:
+                    if state is None:
+                        continue
+                    try:
+                        # Re-read under the lock: an upload of this name here may have just finished.
+                        await asyncio.to_thread(self.store.current_version, KIND, name)
+                        continue
+                    except NotFound:
+                        pass
+                    state.deleted = True
+                    self._tasks.pop(name, None)
+                    self._cleanup(state)
+                elif state is None:
+                    self._tasks[name] = TaskState(name=name, current=found[name])
+                elif state.current != found[name]:
+                    log.info("task %s: version %s is current (changed in the store)", name, found[name])
+                    state.current, state.method, state.kind = found[name], None, None
+                else:
+                    continue
+                changed += 1
+        if changed:
+            self._sync_pins()
+        return changed
+
     def names(self) -> list[str]:
         """Tasks that exist now, sorted."""
         return sorted(self._tasks)

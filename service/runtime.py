@@ -33,7 +33,7 @@ from store.errors import (
     PayloadTooLarge,
     QueueFull,
 )
-from store.local import LocalStore
+from store.location import open_store
 from store.safetensors_io import SafetensorsLimits
 
 __all__ = ["Answer", "Completion", "Service"]
@@ -63,6 +63,7 @@ class Service:
         self._idle = asyncio.Event()
         self._idle.set()
         self._warm_task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Task[None] | None = None
         self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep
         """How a refusal waits before it is answered (a seam for tests)."""
@@ -92,7 +93,7 @@ class Service:
         self.model = await asyncio.to_thread(MultiTaskModel, self.backbone, banks=banks)
         self.limits = SafetensorsLimits(max_file_bytes=s.max_upload_bytes)
         self.store = self._store or await asyncio.to_thread(
-            LocalStore, s.store.expanduser(), limits=self.limits, max_store_bytes=s.max_store_bytes
+            open_store, s.store, limits=self.limits, max_store_bytes=s.max_store_bytes
         )
         admin = list(s.admin_keys) or [await asyncio.to_thread(load_or_create_admin_key, s.key_file)]
         self.keys = KeyRing(admin_keys=admin, api_keys=list(s.api_keys))
@@ -146,6 +147,10 @@ class Service:
             self.generations.start()
         self.started = True
         self._warm_task = asyncio.get_running_loop().create_task(self._warm_up(), name="adapterserve-warmup")
+        if s.poll_interval_s > 0:
+            self._follow_task = asyncio.get_running_loop().create_task(
+                self._follow_store(s.poll_interval_s), name="adapterserve-follow-store"
+            )
         log.info(
             "adapterserve: backbone %s (%s) on %s/%s, %d slots",
             self.backbone.spec.name,
@@ -254,8 +259,21 @@ class Service:
         await self.batcher.stop(drain=remaining > 0, timeout=remaining)
         if self.generations is not None:
             await self.generations.stop()
-        if self._warm_task is not None and not self._warm_task.done():
-            self._warm_task.cancel()
+        for task in (self._warm_task, self._follow_task):
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _follow_store(self, interval: float) -> None:
+        """Poll the store for versions other servers made current (a shared S3 store, Ray replicas)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry.refresh()
+            except AdapterServeError as exc:
+                # An outage of the store must not stop the polling: the next round catches up.
+                log.warning("could not re-read the store: %s", exc.message)
+            except Exception:
+                log.exception("could not re-read the store")
 
     async def close(self) -> None:
         """Release the threads; call after drain."""

@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from store.location import admin_key_file
+from store.s3 import S3Location
+
 __all__ = ["TABLE_END", "TABLE_START", "Settings", "default_seed_dir", "markdown_table", "update_table"]
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +63,24 @@ class Settings(BaseSettings):
     )
 
     # -- store and seed ---------------------------------------------------------------------------
-    store: Path = Field(
+    store: str = Field(
         default=Path.home() / ".local" / "share" / "adapterserve" / "store",
-        description="Directory of the durable artifact store (created when missing).",
+        description=(
+            "Directory of the durable artifact store (created when missing), or `s3://bucket/prefix` for an "
+            "S3-compatible object store (endpoint, region and credentials from the AWS environment variables)."
+        ),
     )
     max_store_bytes: int | None = Field(
         default=None, ge=1, description="Total bytes the store may hold; past it uploads answer 507."
+    )
+    store_poll_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description=(
+            "How often to re-read the store's current versions, so uploads made through another server "
+            "sharing the store are served here; 0: never; empty: 2 for an s3:// store, never for a directory."
+        ),
     )
     seed_dir: Path | None = Field(
         default_factory=default_seed_dir,
@@ -214,8 +229,23 @@ class Settings(BaseSettings):
     def _split(cls, value: object) -> object:
         return _split_keys(value)
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location(cls, value: object) -> object:
+        # A Path would fold `s3://` into `s3:/`; a URL stays as written, a directory as its path.
+        if isinstance(value, str) and value.startswith("s3://"):
+            S3Location.parse(value)
+            return value
+        return str(value) if isinstance(value, Path) else value
+
     @field_validator(
-        "backbone", "seed_dir", "upload_tmp_dir", "admin_key_file", "max_store_bytes", mode="before"
+        "backbone",
+        "seed_dir",
+        "upload_tmp_dir",
+        "admin_key_file",
+        "max_store_bytes",
+        "store_poll_s",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -243,8 +273,14 @@ class Settings(BaseSettings):
         """Where a generated admin key is kept."""
         if self.admin_key_file is not None:
             return self.admin_key_file
-        store = self.store.expanduser()
-        return store.with_name(store.name + ".admin-key")
+        return admin_key_file(self.store)
+
+    @property
+    def poll_interval_s(self) -> float:
+        """Seconds between reads of the store's current versions (0: never)."""
+        if self.store_poll_s is not None:
+            return self.store_poll_s
+        return 2.0 if self.store.startswith("s3://") else 0.0
 
 
 # -- the settings table of the README ------------------------------------------------------------

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from store.errors import InvalidName
+from store.errors import InvalidName, NotFound
 
 __all__ = [
     "KINDS",
@@ -121,6 +121,16 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def list_names(self, kind: str) -> list[str]:
         """Names of the given kind that hold at least one version, sorted."""
+
+    def current_versions(self, kind: str) -> dict[str, int | None]:
+        """Every name of a kind with its current version: what a server sharing the store polls."""
+        out: dict[str, int | None] = {}
+        for name in self.list_names(kind):
+            try:
+                out[name] = self.current_version(kind, name)
+            except NotFound:
+                continue  # deleted between the listing and the read
+        return out
 
     @abc.abstractmethod
     def list_versions(self, kind: str, name: str) -> list[VersionInfo]:

@@ -9,7 +9,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,15 +19,12 @@ from store.errors import (
     ArtifactCorrupt,
     InvalidArtifact,
     InvalidName,
-    InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     StoreFull,
     StoreUnavailable,
     VersionConflict,
 )
 from store.local import PUT_STEPS, LocalStore, validate_name
-from store.safetensors_io import SafetensorsLimits
 
 # fork: children inherit the test's module state (crash hooks) without pickling closures.
 FORK = mp.get_context("fork")
@@ -77,127 +73,8 @@ def src(tmp_path: Path) -> Path:
     return make_weights(tmp_path)
 
 
-# -- versions and the current pointer ------------------------------------------------------------------
-
-
-def test_put_get_round_trip(store: LocalStore, src: Path) -> None:
-    info = store.put_version("tasks", "sst2", config_bytes=CONFIG, weights_src=src)
-    assert (info.kind, info.name, info.version) == ("tasks", "sst2", 1)
-    assert info.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert info.config_sha256 == hashlib.sha256(CONFIG).hexdigest()
-    assert info.size_bytes == len(CONFIG) + src.stat().st_size
-    got = store.get("tasks", "sst2")
-    assert got.info == info
-    assert got.config_bytes == CONFIG
-    assert got.weights_path.read_bytes() == src.read_bytes()
-    assert store.get("tasks", "sst2", 1) == got
-    assert store.list_names("tasks") == ["sst2"]
-    assert store.list_names("hypernetworks") == []
-    assert store.list_versions("tasks", "sst2") == [info]
-
-
-def test_versions_count_up_and_are_not_reused(store: LocalStore, src: Path) -> None:
-    for expected in (1, 2, 3):
-        assert store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src).version == expected
-    store.delete_version("tasks", "t", 3)
-    assert store.current_version("tasks", "t") == 2
-    # A cached (name, 3) must never mean different bytes later.
-    assert store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src).version == 4
-    assert store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src, version=10).version == 10
-    assert store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src).version == 11
-    assert [v.version for v in store.list_versions("tasks", "t")] == [1, 2, 4, 10, 11]
-
-
-def test_activate_false(store: LocalStore, src: Path) -> None:
-    store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src, activate=False)
-    assert store.current_version("tasks", "t") is None
-    with pytest.raises(NotFound):
-        store.get("tasks", "t")
-    store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
-    store.put_version("tasks", "t", config_bytes=b"{}", weights_src=src, activate=False)
-    assert store.current_version("tasks", "t") == 2
-    assert store.get("tasks", "t").config_bytes == CONFIG
-
-
-def test_explicit_version_conflict(store: LocalStore, src: Path) -> None:
-    store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src, version=2)
-    with pytest.raises(VersionConflict, match="already has version 2"):
-        store.put_version("tasks", "t", config_bytes=b"{}", weights_src=src, version=2)
-    assert store.get("tasks", "t", 2).config_bytes == CONFIG
-
-
-@pytest.mark.parametrize("version", [0, -1, True, "1", 1.0, 10**12])
-def test_bad_version_numbers(store: LocalStore, src: Path, version: object) -> None:
-    with pytest.raises(InvalidRequest):
-        store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src, version=version)  # type: ignore[arg-type]
-
-
-def test_set_current(store: LocalStore, src: Path) -> None:
-    for _ in range(3):
-        store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
-    assert store.set_current("tasks", "t", 1).version == 1
-    assert store.current_version("tasks", "t") == 1
-    with pytest.raises(VersionConflict, match="is 1, not 3"):
-        store.set_current("tasks", "t", 2, expected=3)
-    store.set_current("tasks", "t", 2, expected=1)
-    assert store.current_version("tasks", "t") == 2
-    with pytest.raises(NotFound):
-        store.set_current("tasks", "t", 7)
-    with pytest.raises(NotFound):
-        store.set_current("tasks", "other", 1)
-
-
-def test_delete_version_and_delete(store: LocalStore, src: Path) -> None:
-    for _ in range(3):
-        store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
-    store.set_current("tasks", "t", 2)
-    store.delete_version("tasks", "t", 3)
-    assert store.current_version("tasks", "t") == 2
-    store.delete_version("tasks", "t", 2)
-    assert store.current_version("tasks", "t") == 1
-    with pytest.raises(NotFound):
-        store.delete_version("tasks", "t", 2)
-    store.delete_version("tasks", "t", 1)
-    assert store.list_names("tasks") == []
-    for call in (store.list_versions, store.current_version, store.get, store.delete):
-        with pytest.raises(NotFound):
-            call("tasks", "t")
-    store.put_version("tasks", "u", config_bytes=CONFIG, weights_src=src)
-    store.put_version("hypernetworks", "u", config_bytes=CONFIG, weights_src=src)
-    store.delete("tasks", "u")
-    assert store.list_names("tasks") == []
-    assert store.list_names("hypernetworks") == ["u"]
-    assert leftovers(store._root) == []
-
-
-def test_validate_runs_on_the_private_copy(store: LocalStore, src: Path, root: Path) -> None:
-    store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src)
-    before = snapshot(root)
-    seen: list[Path] = []
-
-    def refuse(config: bytes, weights: Path) -> None:
-        seen.append(weights)
-        assert config == b"{}" and weights.read_bytes() == src.read_bytes() and weights != src
-        assert [v.version for v in store.list_versions("tasks", "t")] == [1]
-        raise InvalidArtifact("tensor 'x' is missing")
-
-    for name in ("t", "new"):
-        with pytest.raises(InvalidArtifact, match="'x'"):
-            store.put_version("tasks", name, config_bytes=b"{}", weights_src=src, validate=refuse)
-    assert len(seen) == 2 and not any(p.exists() for p in seen)
-    assert snapshot(root) == before
-
-
-def test_size_limits(root: Path, tmp_path: Path) -> None:
-    store = LocalStore(root, max_store_bytes=1000, limits=SafetensorsLimits(max_file_bytes=600))
-    store.put_version("tasks", "a", config_bytes=CONFIG, weights_src=make_weights(tmp_path, b"x" * 500))
-    before = snapshot(root)
-    with pytest.raises(StoreFull, match="limit of 1000"):
-        store.put_version("tasks", "b", config_bytes=CONFIG, weights_src=make_weights(tmp_path, b"y" * 500))
-    with pytest.raises(PayloadTooLarge):
-        store.put_version("tasks", "b", config_bytes=CONFIG, weights_src=make_weights(tmp_path, b"y" * 700))
-    assert snapshot(root) == before
-    assert store.usage_bytes() == 500 + len(CONFIG)
+# The backend-neutral contract (versions, the pointer, deletes, limits, names, thread races) runs on this
+# store and on the S3 one in test_store_contract.py; what follows is particular to the filesystem.
 
 
 # -- integrity -------------------------------------------------------------------------------------------
@@ -333,36 +210,8 @@ HOSTILE_NAMES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=[repr(n)[:20] for n in HOSTILE_NAMES])
-def test_hostile_names_are_refused(store: LocalStore, src: Path, root: Path, name: object) -> None:
-    before = snapshot(root)
-    with pytest.raises(InvalidName):
-        validate_name(name)  # type: ignore[arg-type]
-    calls: list[Callable[[], object]] = [
-        lambda: store.put_version("tasks", name, config_bytes=CONFIG, weights_src=src),  # type: ignore[arg-type]
-        lambda: store.get("tasks", name),  # type: ignore[arg-type]
-        lambda: store.current_version("hypernetworks", name),  # type: ignore[arg-type]
-        lambda: store.set_current("tasks", name, 1),  # type: ignore[arg-type]
-        lambda: store.list_versions("tasks", name),  # type: ignore[arg-type]
-        lambda: store.delete_version("tasks", name, 1),  # type: ignore[arg-type]
-        lambda: store.delete("tasks", name),  # type: ignore[arg-type]
-    ]
-    for call in calls:
-        with pytest.raises(InvalidName):
-            call()
-    assert snapshot(root) == before
-
-
 def test_hostile_name_count() -> None:
     assert len(HOSTILE_NAMES) >= 30
-
-
-@pytest.mark.parametrize("kind", ["../tasks", "task", "", ".locks"])
-def test_unknown_kinds_are_refused(store: LocalStore, kind: str) -> None:
-    with pytest.raises(ValueError):
-        store.list_names(kind)
-    with pytest.raises(ValueError):
-        store.get(kind, "t")
 
 
 @pytest.mark.parametrize("name", ["a", "0", "sst2", "my-task_v1.2", "a" * 64, "x.y-z_0"])
@@ -640,27 +489,6 @@ def test_requests_for_unknown_names_leave_no_lock_file(store: LocalStore, src: P
     assert snapshot(root) == before
     store.delete("tasks", "kept")
     assert not (root / ".locks" / "tasks.kept.lock").exists()  # nor does a deleted one
-
-
-def test_threads_racing_for_one_version(store: LocalStore, tmp_path: Path) -> None:
-    outcomes: list[str] = []
-    barrier = threading.Barrier(8)
-
-    def write(i: int) -> None:
-        src = make_weights(tmp_path, bytes([i]) * 100, name=f"t{i}")
-        barrier.wait()
-        try:
-            store.put_version("tasks", "t", config_bytes=CONFIG, weights_src=src, version=1)
-            outcomes.append("ok")
-        except VersionConflict:
-            outcomes.append("conflict")
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcomes) == ["conflict"] * 7 + ["ok"]
 
 
 # -- crashes ---------------------------------------------------------------------------------------------
