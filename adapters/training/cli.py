@@ -146,6 +146,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     t = p.add_argument_group("budget")
     add_budget_arguments(t, lr_help="default: per method")
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument("--head-lr", type=float, help="peak learning rate of the head (default: --lr)")
     t.add_argument(
         "--resume",
         action="store_true",
@@ -222,6 +223,7 @@ _OPTION_FLAGS = (
     "eval_every",
     "patience",
     "checkpoint_every",
+    "head_lr",
     "train_layernorm",
     "pooling",
     "head_layers",
@@ -440,6 +442,10 @@ def run_train_task(args: argparse.Namespace) -> int:
         return 2
     try:
         task = task_data(args)
+        if task.kind == EMBEDDING:
+            raise ValueError(
+                "a hypernetwork generates adapters for heads, not embedding tasks: give --method"
+            )
     except (OSError, ValueError) as exc:
         print(f"adapterserve train: {exc}", file=sys.stderr)
         return 2

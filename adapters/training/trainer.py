@@ -107,6 +107,8 @@ class TrainOptions:
     batch_size: int = 32
     lr: float | None = None
     """Peak learning rate; None: the method's `DEFAULT_LR`."""
+    head_lr: float | None = None
+    """Peak learning rate of the task head; None: the same as `lr`."""
     warmup: float = 0.06
     """Fraction of the steps with a linear warm-up; the rest decays linearly to 0."""
     weight_decay: float = 0.0
@@ -409,7 +411,11 @@ def train(
     params = list(named.values())
     lr = opts.lr or DEFAULT_LR[method]
     decay = opts.weight_decay if opts.weight_decay else (0.01 if method == FULL else 0.0)
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    head_lr = lr if opts.head_lr is None else opts.head_lr
+    head = [v for k, v in named.items() if k.startswith("head.")]
+    rest = [v for k, v in named.items() if not k.startswith("head.")]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": head, "lr": head_lr}] if head else [])
+    optim = torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
     batches = Batches(train_data, batch_size=opts.batch_size, pad_id=pad)
     dev = Batches(dev_data, batch_size=64, pad_id=pad)
     total = opts.steps or max(1, math.ceil(opts.epochs * len(batches)))

@@ -118,3 +118,19 @@ def test_progress_lines_show_steps_loss_dev_and_time_left(tmp_path: Path, capsys
     assert "step 4/8  loss " in err and " dev " in err and " left" in err
     first = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[0])
     assert first["step"] == 4 and {"loss", "score", "accuracy", "elapsed_s", "left_s"} <= first.keys()
+
+
+def test_the_head_learns_at_its_own_rate() -> None:
+    """head_lr=0 keeps the head at its seeded start whatever the adapter's rate; the adapter still moves."""
+    task = dataclasses.replace(sentiment_task(64), dev=[])
+    frozen = dataclasses.replace(OPTS, steps=4, head_lr=0.0)
+    a = train(backbone(), task, method="lora", hyper={"r": 4}, options=frozen)
+    b = train(backbone(), task, method="lora", hyper={"r": 4}, options=dataclasses.replace(frozen, lr=5e-2))
+    heads = [k for k in a.tensors if k.startswith("head.")]
+    assert heads and all(torch.equal(a.tensors[k], b.tensors[k]) for k in heads)
+    lora = [k for k in a.tensors if k.endswith(".lora.B")]
+    assert lora and not all(torch.equal(a.tensors[k], b.tensors[k]) for k in lora)
+    moved = train(
+        backbone(), task, method="lora", hyper={"r": 4}, options=dataclasses.replace(frozen, head_lr=5e-2)
+    )
+    assert not all(torch.equal(a.tensors[k], moved.tensors[k]) for k in heads)
