@@ -27,6 +27,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
+    if args.ray:
+        from service.ray_app import run
+
+        logging.basicConfig(level=settings.log_level.upper())
+        return run(replicas=args.replicas, host=settings.host, port=settings.port)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -128,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service (settings from ADAPTERSERVE_* variables)")
     serve.add_argument("--host", help="address to bind (ADAPTERSERVE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (ADAPTERSERVE_PORT, default 8000)")
+    serve.add_argument(
+        "--ray", action="store_true", help="run as a Ray Serve application (a local cluster, or RAY_ADDRESS)"
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="engine replicas with --ray (ADAPTERSERVE_RAY_REPLICAS, default 2)",
+    )
     serve.set_defaults(func=_serve)
     upload = sub.add_parser("upload", help="upload an artifact directory as a new version of a task")
     upload.add_argument("task", help="task name ([a-z0-9][a-z0-9_.-]{0,63})")
