@@ -46,6 +46,8 @@ demo-artifacts: install
 	$(DEMO_TRAIN) --glue MRPC --method lora --label-names not_equivalent,equivalent \
 		--epochs 2 --lr 2e-3 --out examples/mrpc --task mrpc
 	$(DEMO_TRAIN) --glue STS-B --method prefix --epochs 2 --lr 1e-2 --out examples/stsb --task stsb
+	$(DEMO_TRAIN) --glue STS-B --task-type embedding --method lora --max-train-examples 2000 \
+		--epochs 1 --max-dev-examples 500 --out examples/stsb-embed --task stsb-embed
 	# the hypernetwork demo: a small Hyperformer++ over three tasks; two of its tasks are served
 	rm -rf .demo-hyper
 	HF_HUB_OFFLINE=1 $(BIN)/adapterserve train-hyper --glue SST-2,MRPC,STS-B --name glue-mini \

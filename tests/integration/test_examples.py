@@ -29,6 +29,7 @@ DEMO = {
     "mrpc": ("lora", ["not_equivalent", "equivalent"]),
     "cola": ("parallel", ["unacceptable", "acceptable"]),
     "stsb": ("prefix", []),
+    "stsb-embed": ("lora", []),
     "sst2-hyper": ("hyperformer", ["negative", "positive"]),
     "stsb-hyper": ("hyperformer", []),
 }
