@@ -32,7 +32,9 @@ DEFAULT_NAME = "all-MiniLM-L6-v2"
 """The bundled backbone's name, as sentence-transformers publishes it."""
 
 # Families whose serving model carries a language-model head (generation).
-_GENERATIVE = {"t5", "bart", "gpt2"}
+_GENERATIVE = {"t5", "bart", "gpt2", "llama"}
+# Decoder-only families, loaded with their causal-LM head.
+_CAUSAL_LM = {"gpt2", "llama"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ class Backbone:
     def generative(self) -> bool:
         """Whether the backbone generates text (seq2seq or decoder-only)."""
         return self.arch.family in _GENERATIVE
+
+    @property
+    def decoder_only(self) -> bool:
+        """Whether the backbone is a causal LM without an encoder (GPT-2, Llama)."""
+        return self.arch.family in _CAUSAL_LM
 
     @classmethod
     def from_model(
@@ -159,7 +166,7 @@ def load_backbone(path: str | Path | None = None, *, device: str = "auto", dtype
     loader = AutoModel
     if arch.family in ("t5", "bart"):
         loader = AutoModelForSeq2SeqLM
-    elif arch.family == "gpt2":
+    elif arch.family in _CAUSAL_LM:
         loader = AutoModelForCausalLM
     model = loader.from_pretrained(src, local_files_only=True, attn_implementation="sdpa")
     model.eval()
@@ -199,7 +206,8 @@ def describe(model: nn.Module, *, arch: ArchMap, name: str) -> BackboneSpec:
     c = model.config
     hidden = getattr(c, "hidden_size", None) or getattr(c, "d_model", None) or c.n_embd
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or c.num_heads
-    head_dim = getattr(c, "d_kv", None) or hidden // heads
+    head_dim = getattr(c, "d_kv", None) or getattr(c, "head_dim", None) or hidden // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
     inter = (
         getattr(c, "intermediate_size", None)
         or getattr(c, "d_ff", None)
@@ -222,6 +230,7 @@ def describe(model: nn.Module, *, arch: ArchMap, name: str) -> BackboneSpec:
         num_decoder_layers=layers.get("decoder", 0),
         num_heads=heads,
         head_dim=head_dim,
+        num_kv_heads=kv_heads,
         intermediate_size=inter,
         vocab_size=c.vocab_size,
         max_positions=max_pos,

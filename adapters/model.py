@@ -25,7 +25,7 @@ from store.artifact import expected_tensors, post_norm_backbone
 
 __all__ = ["BankConfig", "MultiTaskModel"]
 
-_PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o")
+_PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_gate", "ffn_out", *(f"cross_{p}" for p in "qkvo"))
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,9 @@ class MultiTaskModel(nn.Module):
                     attn = layer.get_submodule(arch.attention[stack])
                     bank = PrefixBank(
                         max_len=cfg.prefix_max_len,
-                        inner=spec.inner_dim,
-                        num_heads=spec.num_heads,
+                        # prefixes join the keys and values as projected (grouped-query: fewer heads)
+                        inner=spec.kv_dim,
+                        num_heads=spec.num_kv_heads or spec.num_heads,
                         slots=s,
                         router=rt,
                         **fac,
@@ -394,7 +395,7 @@ class MultiTaskModel(nn.Module):
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
             )
-        if self.backbone.arch.family == "gpt2":
+        if self.backbone.decoder_only:
             return out[:, input_ids.shape[1] :]
         return out
 

@@ -42,7 +42,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "swish", "silu", "tanh", "identity")
 Activation = Literal["relu", "gelu", "gelu_new", "swish", "silu", "tanh", "identity"]
 SublayerSite = Literal["attn", "ffn", "cross"]
 ProjectionSite = Literal[
-    "q", "k", "v", "o", "qkv", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o"
+    "q", "k", "v", "o", "qkv", "ffn_in", "ffn_gate", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o"
 ]
 MetaValue = str | int | float | bool | None
 Placement = Literal["output", "post_norm"]
@@ -320,6 +320,10 @@ def _layers(spec: BackboneSpec, *, sites: list[str]) -> list[tuple[str, int, str
     return out
 
 
+# Families whose norms are RMSNorms: a weight and no bias.
+_RMS_NORM_FAMILIES = ("t5", "llama")
+
+
 def post_norm_backbone(spec: BackboneSpec) -> bool:
     """Whether each sublayer's norm follows its residual add (post-LN), so `post_norm` placement exists."""
     return spec.family in ("bert", "distilbert", "bart") and spec.model_type != "mbart"
@@ -330,6 +334,9 @@ def _projection_ok(spec: BackboneSpec, stack: str, target: str) -> bool:
         return spec.family == "gpt2"
     if target in ("q", "k", "v") and spec.family == "gpt2":
         return False
+    if target == "ffn_gate":
+        # only gated MLPs have a gate projection
+        return spec.family == "llama"
     if target.startswith("cross_"):
         return stack == "decoder" and spec.num_layers > 0
     return True
@@ -410,8 +417,9 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
     if m in ("prefix", "mam"):
         for stack, n in spec.stacks.items():
             for i in range(n):
-                out[f"{stack}.{i}.attn.prefix.key"] = (config.prefix_length, spec.inner_dim)
-                out[f"{stack}.{i}.attn.prefix.value"] = (config.prefix_length, spec.inner_dim)
+                # prefixes are projected keys and values: as wide as k and v (grouped-query: fewer heads)
+                out[f"{stack}.{i}.attn.prefix.key"] = (config.prefix_length, spec.kv_dim)
+                out[f"{stack}.{i}.attn.prefix.value"] = (config.prefix_length, spec.kv_dim)
     if m == "mh_parallel":
         r, nh, d = config.bottleneck_dim, spec.num_heads, spec.head_dim
         for stack, i, _ in _layers(spec, sites=["attn"]):
@@ -449,7 +457,7 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
                 )
                 for site in sites:
                     out[f"{stack}.{i}.{site}.weight"] = (h,)
-                    if spec.family != "t5":
+                    if spec.family not in _RMS_NORM_FAMILIES:
                         out[f"{stack}.{i}.{site}.bias"] = (h,)
     if config.head is not None:
         c = config.head.num_outputs

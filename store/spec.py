@@ -13,7 +13,7 @@ class BackboneSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(description="Human-readable name or path of the backbone.")
-    family: str = Field(description="Architecture family: bert, distilbert, t5, bart or gpt2.")
+    family: str = Field(description="Architecture family: bert, distilbert, t5, bart, gpt2 or llama.")
     model_type: str = Field(description="The Hugging Face `model_type` (bert, roberta, t5, ...).")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
     num_layers: int = Field(ge=0, description="Layers of the encoder stack (0 for decoder-only models).")
@@ -22,6 +22,9 @@ class BackboneSpec(BaseModel):
     )
     num_heads: int = Field(gt=0, description="Attention heads per layer.")
     head_dim: int = Field(gt=0, description="Width of one attention head.")
+    num_kv_heads: int = Field(
+        default=0, ge=0, description="Key/value heads (grouped-query attention); 0: as many as num_heads."
+    )
     intermediate_size: int = Field(gt=0, description="Width of the FFN's inner projection.")
     vocab_size: int = Field(gt=0, description="Tokenizer vocabulary size.")
     max_positions: int = Field(gt=0, description="Longest input the backbone accepts, in tokens.")
@@ -31,6 +34,11 @@ class BackboneSpec(BaseModel):
     def inner_dim(self) -> int:
         """Width of the concatenated attention heads (q/k/v output, o input)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key and value projections' outputs (less than inner_dim under grouped-query attention)."""
+        return (self.num_kv_heads or self.num_heads) * self.head_dim
 
     @property
     def stacks(self) -> dict[str, int]:
@@ -43,14 +51,15 @@ class BackboneSpec(BaseModel):
         return out
 
     def site_dims(self, site: str) -> tuple[int, int]:
-        """Input and output width of a projection site (q, k, v, o, ffn_in, ffn_out)."""
+        """Input and output width of a projection site (q, k, v, o, ffn_in, ffn_gate, ffn_out)."""
         h, inner, ff = self.hidden_size, self.inner_dim, self.intermediate_size
         dims = {
             "q": (h, inner),
-            "k": (h, inner),
-            "v": (h, inner),
+            "k": (h, self.kv_dim),
+            "v": (h, self.kv_dim),
             "o": (inner, h),
             "ffn_in": (h, ff),
+            "ffn_gate": (h, ff),
             "ffn_out": (ff, h),
             "cross_q": (h, inner),
             "cross_k": (h, inner),

@@ -22,6 +22,12 @@ from transformers import (
     DistilBertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -38,6 +44,7 @@ __all__ = [
     "ENCODER_FAMILIES",
     "FAMILIES",
     "GENERATIVE_FAMILIES",
+    "LLAMA_FAMILIES",
     "REQUIRED_METRICS",
     "VOCAB",
     "Batch",
@@ -57,6 +64,7 @@ __all__ = [
     "tiny_bert",
     "tiny_distilbert",
     "tiny_gpt2",
+    "tiny_llama",
     "tiny_t5",
     "wrap",
 ]
@@ -149,17 +157,54 @@ def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
     return _seeded(lambda: BartForConditionalGeneration(cfg), seed)
 
 
+KV_HEADS = 2
+"""Key/value heads of the tiny Llama-family models: grouped-query attention, two queries per key."""
+
+_LLAMA_LIKE = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_llama(seed: int = 0, *, model_type: str = "llama") -> nn.Module:
+    """A Llama-family causal LM (llama, mistral or qwen2): hidden 32, 2 layers, 4 query and 2 key/value heads.
+
+    Qwen2 has biases on q, k and v; Mistral a sliding window (longer than any test input). Weights are
+    drawn wider than the library's default init (std 0.02) so that rows and adapters give logits far
+    enough apart for greedy decoding to be a real test.
+    """
+    config_cls, model_cls = _LLAMA_LIKE[model_type]
+    cfg = config_cls(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=FFN,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
+    return _seeded(lambda: model_cls(cfg), seed)
+
+
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "bert": tiny_bert,
     "distilbert": tiny_distilbert,
     "t5": tiny_t5,
     "bart": tiny_bart,
     "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "mistral": lambda seed=0: tiny_llama(seed, model_type="mistral"),
+    "qwen2": lambda seed=0: tiny_llama(seed, model_type="qwen2"),
 }
 ENCODER_FAMILIES = ("bert", "distilbert", "t5", "bart")
 """Families with an encoder, hence task heads (`classify`)."""
-GENERATIVE_FAMILIES = ("t5", "bart", "gpt2")
-"""Families with LM logits (`logits`)."""
+LLAMA_FAMILIES = tuple(_LLAMA_LIKE)
+"""Llama, Mistral and Qwen2: one architecture family (`llama`), three model types."""
+GENERATIVE_FAMILIES = ("t5", "bart", "gpt2", "llama")
+"""Families with LM logits (`logits`), as `arch.family` names them."""
 
 
 def build_hf(family: str, seed: int = 0) -> nn.Module:
@@ -283,8 +328,8 @@ def reference_outputs(hf: nn.Module, family: str, batch: Batch) -> dict[str, tor
         out["hidden"] = res.last_hidden_state
         if getattr(res, "pooler_output", None) is not None:
             out["pooler"] = res.pooler_output
-    elif family == "gpt2":
-        out["hidden"] = hf.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    elif family == "gpt2" or family in LLAMA_FAMILIES:
+        out["hidden"] = hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         out["lm"] = hf(input_ids=ids, attention_mask=mask).logits
     else:
         out["hidden"] = hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state

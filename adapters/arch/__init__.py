@@ -26,9 +26,9 @@ class ArchMap:
 
 def get_arch(model_type: str) -> ArchMap:
     """The site map for a Hugging Face `model_type`; raises KeyError for unsupported ones."""
-    from adapters.arch import bart, bert, distilbert, gpt2, t5
+    from adapters.arch import bart, bert, distilbert, gpt2, llama, t5
 
-    for mod in (bert, distilbert, t5, bart, gpt2):
+    for mod in (bert, distilbert, t5, bart, gpt2, llama):
         if model_type in mod.ARCH.model_types:
             return mod.ARCH
     raise KeyError(f"unsupported architecture {model_type!r}")

@@ -26,7 +26,7 @@ __all__ = [
     "write_artifact",
 ]
 
-PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o")
+PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_gate", "ffn_out", *(f"cross_{p}" for p in "qkvo"))
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 

@@ -1,4 +1,4 @@
-"""OpenAI completions with the official `openai` client against a real server, on tiny GPT-2 and T5.
+"""OpenAI completions with the official `openai` client against a real server, on tiny GPT-2, T5 and Llama.
 
 The expected text comes from a plain Hugging Face model loaded from the same directory, with the
 task's LoRA merged into its weights by hand (W + alpha/r * B A), decoding greedily with its own
@@ -33,6 +33,8 @@ def _save(path: Path, family: str) -> Path:
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
         PreTrainedTokenizerFast,
         T5Config,
         T5ForConditionalGeneration,
@@ -58,6 +60,22 @@ def _save(path: Path, family: str) -> Path:
             initializer_range=0.3,
         )
         model = GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        # grouped-query attention (2 key/value heads for 4 query heads), rotary positions
+        cfg = LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=2,
+            initializer_range=0.3,
+        )
+        model = LlamaForCausalLM(cfg)
     else:
         cfg = T5Config(
             vocab_size=len(VOCAB),
@@ -79,11 +97,11 @@ def _save(path: Path, family: str) -> Path:
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict[str, Path]:
-    return {f: _save(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in ("gpt2", "t5")}
+    return {f: _save(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in ("gpt2", "t5", "llama")}
 
 
 def _lora_config(family: str, spec) -> dict:
-    targets = ["qkv"] if family == "gpt2" else ["q", "v", "cross_q"]
+    targets = {"gpt2": ["qkv"], "llama": ["q", "v", "ffn_gate"]}.get(family, ["q", "v", "cross_q"])
     return {
         "method": "lora",
         "r": R,
@@ -108,7 +126,8 @@ def _reference(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    loader = AutoModelForCausalLM if family == "gpt2" else AutoModelForSeq2SeqLM
+    causal = family in ("gpt2", "llama")
+    loader = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
     model = loader.from_pretrained(directory).eval()
     tok = AutoTokenizer.from_pretrained(directory)
     if artifact is not None:
@@ -121,6 +140,10 @@ def _reference(
                     model.transformer.h[int(layer)].get_submodule(_MODULES[proj]).weight
                 )  # Conv1D: [in, out]
                 weight.data += delta.T
+            elif family == "llama":
+                layer_ = model.model.layers[int(layer)]
+                path = {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "ffn_gate": "mlp.gate_proj"}[proj]
+                layer_.get_submodule(path).weight.data += delta
             else:
                 block = getattr(model, stack).block[int(layer)]
                 sub = block.layer[0] if proj != "cross_q" else block.layer[1]
@@ -132,7 +155,7 @@ def _reference(
         enc = tok(p, return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=n, do_sample=False)[0]
-        new = ids[enc["input_ids"].shape[1] :] if family == "gpt2" else ids[1:]
+        new = ids[enc["input_ids"].shape[1] :] if causal else ids[1:]
         out.append(tok.decode(new, skip_special_tokens=True))
         counts.append(next((k for k, t in enumerate(new.tolist()) if t == tok.eos_token_id), len(new)))
     return out if not with_counts else (out, counts)
@@ -149,7 +172,7 @@ def _streamed(client, **kw) -> tuple[dict[int, str], dict[int, str]]:
     return texts, reasons
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "t5", "llama"])
 def test_completions_equal_plain_transformers(start_server, dirs, tmp_path, family):
     directory = dirs[family]
     spec = load_backbone(directory, device="cpu").spec

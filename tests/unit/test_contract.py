@@ -16,6 +16,7 @@ import torch
 from helpers import (
     ENCODER_FAMILIES,
     FAMILIES,
+    LLAMA_FAMILIES,
     Batch,
     build_hf,
     config_for,
@@ -33,9 +34,14 @@ from safetensors.torch import load_file, save_file
 from adapters.model import BankConfig, MultiTaskModel
 from store.artifact import parse_config
 
-ALL = tuple(FAMILIES)
+# Mistral and Qwen2 share Llama's module names; they run the rows that differ for them (grouped-query
+# prefixes, Qwen2's q/k/v biases), Llama runs every row.
+ALL = (*(f for f in FAMILIES if f not in LLAMA_FAMILIES), "llama")
+WITH_VARIANTS = (*ALL, "mistral", "qwen2")
 SEQ2SEQ = ("t5", "bart")
 NOT_GPT2 = ENCODER_FAMILIES
+SEPARATE_QKV = (*ENCODER_FAMILIES, "llama")
+"""Families whose q, k and v are separate projections (GPT-2 fuses them)."""
 
 EXACT = 1e-6
 """Same weights, same batch: outputs agree to float rounding at most."""
@@ -88,7 +94,7 @@ CASES = [
     Case("parallel_scaled", _par(sites=["attn", "ffn"], scaling=4.0, bottleneck_dim=16), ALL),
     Case("parallel_learned_scaling", _par(learned_scaling=True, activation="gelu_new"), ALL),
     Case("parallel_cross", _par(sites=["cross"], activation="tanh"), SEQ2SEQ),
-    Case("lora_qv", _lora(), NOT_GPT2),
+    Case("lora_qv", _lora(), SEPARATE_QKV),
     Case(
         "lora_qv_pooler_head", _lora(r=2), ("bert",), head={**DEFAULT_HEAD, "pooling": "pooler", "layers": 2}
     ),
@@ -99,7 +105,16 @@ CASES = [
             rank_pattern={"v": 8, "encoder.1.ffn_in": 2},
             alpha_pattern={"o": 4, "encoder.0.q": 12},
         ),
-        NOT_GPT2,
+        SEPARATE_QKV,
+    ),
+    Case(
+        "lora_gated_mlp_every_projection",
+        _lora(
+            targets=["q", "k", "v", "o", "ffn_in", "ffn_gate", "ffn_out"],
+            rank_pattern={"k": 2, "decoder.1.ffn_gate": 8},
+            alpha_pattern={"ffn_gate": 4},
+        ),
+        LLAMA_FAMILIES,
     ),
     Case("lora_rslora", _lora(r=8, alpha=4, use_rslora=True, targets=["q", "v", "ffn_out"]), ("bert", "t5")),
     Case("lora_cross", _lora(targets=["q", "v", "cross_q", "cross_k", "cross_v", "cross_o"]), SEQ2SEQ),
@@ -108,17 +123,25 @@ CASES = [
         _lora(targets=["qkv", "o", "ffn_in", "ffn_out"], rank_pattern={"qkv": 8}, use_rslora=True),
         ("gpt2",),
     ),
-    Case("ia3", {"method": "ia3"}, NOT_GPT2),
+    Case("ia3", {"method": "ia3"}, (*SEPARATE_QKV, "qwen2")),
+    Case("ia3_gated_mlp", {"method": "ia3", "targets": ["k", "v", "ffn_gate", "ffn_out"]}, LLAMA_FAMILIES),
     Case("ia3_gpt2_fused_qkv", {"method": "ia3", "targets": ["qkv", "ffn_out"]}, ("gpt2",)),
     Case("ia3_cross", {"method": "ia3", "targets": ["k", "v", "cross_k", "cross_v", "ffn_out"]}, SEQ2SEQ),
     Case("layernorm", {"method": "layernorm"}, ALL, head={"type": "regression"}),
     Case("lora_with_layernorm", _lora(targets=["o", "ffn_out"], layernorm=True), ALL),
-    Case("prefix_5", {"method": "prefix", "prefix_length": 5}, ALL, no_op=False),
+    Case("prefix_5", {"method": "prefix", "prefix_length": 5}, WITH_VARIANTS, no_op=False),
     Case("prefix_30", {"method": "prefix", "prefix_length": 30}, ALL, no_op=False),
-    Case("mam", {"method": "mam", "prefix_length": 8, "bottleneck_dim": 16}, ALL, no_op=False),
+    Case(
+        "mam",
+        {"method": "mam", "prefix_length": 8, "bottleneck_dim": 16},
+        WITH_VARIANTS,
+        no_op=False,
+    ),
     Case("mh_parallel", {"method": "mh_parallel", "bottleneck_dim": 4, "activation": "gelu"}, ALL),
     Case("compacter", {"method": "compacter", "bottleneck_dim": 8}, ALL),
-    Case("compacter_pp", {"method": "compacter", "variant": "compacter++", "bottleneck_dim": 8}, NOT_GPT2),
+    Case(
+        "compacter_pp", {"method": "compacter", "variant": "compacter++", "bottleneck_dim": 8}, SEPARATE_QKV
+    ),
     Case("phm", {"method": "compacter", "variant": "phm", "bottleneck_dim": 8, "activation": "relu"}, ALL),
     Case(
         "compacter_factored",

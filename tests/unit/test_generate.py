@@ -16,7 +16,7 @@ from test_contract import CASES, companions, raw_config
 from adapters.generate import DecodeBatch, Prompt, Sampling, filtered_logits, pick
 from adapters.model import BankConfig, MultiTaskModel
 
-GENERATIVE = ("gpt2", "t5", "bart")
+GENERATIVE = ("gpt2", "t5", "bart", "llama", "mistral", "qwen2")
 TOL = 1e-4
 """Cached, padded, mixed-batch logits vs a full forward of the row alone: float32 rounding."""
 NEW = 5
@@ -117,9 +117,10 @@ def test_each_row_equals_its_task_alone(case, family):
             assert diff <= TOL, f"row {i} (slot {slot}) step {k}: logits differ by {diff:.3g}"
 
 
-def test_adapters_change_the_decode():
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_adapters_change_the_decode(family):
     """The equality above is not vacuous: the case's adapter moves the logits away from the backbone's."""
-    model = _model(CASES[0], "gpt2")
+    model = _model(CASES[0], family)
     a = _alone_logits(model, ROWS[0][0], 1, [])
     b = _alone_logits(model, ROWS[0][0], 0, [])
     assert float((a - b).abs().max()) > 1e-2
