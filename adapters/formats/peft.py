@@ -243,15 +243,17 @@ def _prefix(meta: dict, adapter: dict[str, torch.Tensor], spec: BackboneSpec):
     if emb is None:
         raise UnsupportedCheckpoint("prefix checkpoint without prompt_embeddings")
     n = int(meta.get("num_virtual_tokens", emb.shape[0]))
-    inner = spec.inner_dim
+    # PEFT sizes the prefix by the key/value heads (grouped-query attention: fewer than the queries')
+    inner = spec.kv_dim
     if tuple(emb.shape) != (n, layers * 2 * inner):
         raise UnsupportedCheckpoint(
             f"prompt_embeddings has shape {tuple(emb.shape)}; expected {(n, layers * 2 * inner)} "
             "(a checkpoint saved in training mode with prefix_projection keeps only the MLP input)"
         )
     warnings.warn(
-        "PEFT prefix tuning offsets the real tokens' positions by num_virtual_tokens on backbones with "
-        "absolute positions (BERT, GPT-2); the served prefix does not, as in AdapterHub",
+        "PEFT prefix tuning offsets the real tokens' positions by num_virtual_tokens (the absolute "
+        "positions of BERT and GPT-2; on Llama, the rotary angle between the queries and the unrotated "
+        "prefix keys); the served prefix does not, as in AdapterHub",
         stacklevel=3,
     )
     flat = emb.view(n, layers, 2, inner)
