@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from service.engine import Embed
 from service.openapi import errors
@@ -25,7 +25,14 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["text-embeddings-inference"])
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
+
+def _integral(value: object) -> object:
+    # JSON Schema counts 7.0 as an integer; true and "7" stay refused (pydantic's lax int takes both).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# TEI reads token ids as u32; which of them the backbone knows is the runtime's to say.
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Sequence = Annotated[list[str], Field(min_length=1, max_length=2, description="[text] or [text_a, text_b].")]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -173,6 +180,7 @@ def _model(request: Request, model: str | None) -> str:
 
 async def _kind(svc: Service, model: str) -> str | None:
     """classify, regress, embed or generate (None: unknown until its config is read)."""
+    _known(svc, model)
     if model == svc.backbone.spec.name:
         return "embed"
     _, kind = await svc.registry.describe(model)
@@ -180,6 +188,7 @@ async def _kind(svc: Service, model: str) -> str | None:
 
 
 def _known(svc: Service, model: str) -> None:
+    # Any name that is neither the backbone nor a task is simply no model here: 404, malformed or not.
     if not svc.knows(model):
         raise NotFound(f"no model named {model!r}; GET /v1/models lists them")
 
@@ -253,11 +262,14 @@ async def embed(body: EmbedRequest, request: Request) -> Response:
     model = _model(request, body.model)
     raw = body.inputs
     inputs = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
-    answer = await counted(
-        request,
-        model,
-        lambda s: s.predict(model, inputs, embed=Embed(), normalize=body.normalize, truncate=body.truncate),
-    )
+
+    async def work(svc: Service):
+        _known(svc, model)
+        return await svc.predict(
+            model, inputs, embed=Embed(), normalize=body.normalize, truncate=body.truncate
+        )
+
+    answer = await counted(request, model, work)
     return orjson_response([o["embedding"] for o in answer.outputs])
 
 
@@ -339,7 +351,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     return orjson_response(await counted(request, model, work))
 
 
-@router.post("/decode", dependencies=INFERENCE_KEY, response_model=list[str], responses=_TOKENIZER_ERRORS)
+@router.post(
+    "/decode",
+    dependencies=INFERENCE_KEY,
+    response_model=list[str],
+    responses=_errors(401, 404, 413, 422, 503),
+)
 async def decode(body: DecodeRequest, request: Request) -> Response:
     """The text of each list of token ids."""
     model = _model(request, body.model)
@@ -352,9 +369,7 @@ async def decode(body: DecodeRequest, request: Request) -> Response:
             raise PayloadTooLarge(f"batch size {len(lists)} > maximum allowed batch size {s.max_inputs}")
         if any(len(ids) > s.max_input_chars for ids in lists):
             raise PayloadTooLarge(f"a list has more than {s.max_input_chars} ids")
-        vocab = svc.backbone.spec.vocab_size
-        if any(t >= vocab for ids in lists for t in ids):
-            raise InvalidRequest(f"ids: token ids must be integers in [0, {vocab})")
+        # Ids the tokenizer does not know decode to nothing, as TEI's tokenizer treats them.
         return await svc.engine.with_tokenizer(
             lambda tok: tok.batch_decode(lists, skip_special_tokens=body.skip_special_tokens)
         )

@@ -291,6 +291,9 @@ async def test_decode_turns_ids_back_into_text(running):
         assert r.status_code == 200 and r.json() == ["the plot was boring"]
         r = await client.post("/decode", json={"ids": [ids, ids[1:3]], "skip_special_tokens": False})
         assert r.json() == ["[CLS] the plot was boring [SEP]", "the plot"]
+        # ids the tokenizer does not know decode to nothing, as in TEI
+        r = await client.post("/decode", json={"ids": [ids[1], len(VOCAB), 2**32 - 1, ids[2]]})
+        assert r.status_code == 200 and r.json() == ["the plot"]
 
 
 async def test_info_describes_the_backbone(running):
@@ -321,14 +324,17 @@ async def test_info_describes_the_backbone(running):
         ("/predict", {"inputs": ["a", "b", "c"], "model": "cls"}, 422),
         ("/predict", {"inputs": [["a", "b", "c"]], "model": "cls"}, 422),
         ("/predict", {"inputs": "x", "model": "nope"}, 404),
-        ("/predict", {"inputs": "x", "model": "Bad Name"}, 400),
+        ("/predict", {"inputs": "x", "model": "Bad Name"}, 404),
+        ("/embed", {"inputs": "x", "model": "Bad Name"}, 404),
+        ("/rerank", {"query": "x", "texts": ["y"], "model": "Bad Name"}, 404),
         ("/rerank", {"query": "x", "texts": []}, 422),
         ("/rerank", {"query": "x", "texts": ["y"], "model": "cls", "label": "nope"}, 400),
         ("/rerank", {"query": "x", "texts": ["y"] * 8}, 413),
         ("/tokenize", {"inputs": "x", "model": "nope"}, 404),
         ("/tokenize", {"inputs": ["x"] * 9}, 413),
         ("/tokenize", {"inputs": "x" * 201}, 413),
-        ("/decode", {"ids": [len(VOCAB)]}, 400),
+        ("/decode", {"ids": [2**32]}, 422),
+        ("/embed", {"inputs": [2**32]}, 422),
         ("/decode", {"ids": [-1]}, 422),
     ],
 )
