@@ -147,6 +147,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     add_budget_arguments(t, lr_help="default: per method")
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
     t.add_argument("--head-lr", type=float, help="peak learning rate of the head (default: --lr)")
+    t.add_argument("--prefix-lr", type=float, help="peak learning rate of the prefix MLP (default 3e-4)")
     t.add_argument(
         "--resume",
         action="store_true",
@@ -224,6 +225,7 @@ _OPTION_FLAGS = (
     "patience",
     "checkpoint_every",
     "head_lr",
+    "prefix_lr",
     "train_layernorm",
     "pooling",
     "head_layers",

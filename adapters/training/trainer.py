@@ -86,7 +86,8 @@ DEFAULT_LR: dict[str, float] = {
     "compacter": 3e-3,
     "tiny_attention": 1e-3,
 }
-"""Peak learning rate per method (adapters tolerate far larger steps than full fine-tuning)."""
+"""Peak learning rate per method (adapters tolerate far larger steps than full fine-tuning); where
+each value came from: docs/training.md, "Defaults and where they came from"."""
 
 FULL = "full"
 EMBEDDING = "embedding"
@@ -94,6 +95,10 @@ EMBEDDING = "embedding"
 
 PREFIX_MLP = 512
 """Width of the prefix MLP while training prefix tuning and MAM (Li & Liang's 512; folded away at export)."""
+
+PREFIX_MLP_LR = 3e-4
+"""Peak learning rate of the prefix MLP: the best of 1e-4, 3e-4, 1e-3 and 1e-2 on SST-2 and STS-B
+(docs/results.md, "Sweep behind the defaults"); the head keeps the method's rate (prefix: 3e-3)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class TrainOptions:
     """Peak learning rate; None: the method's `DEFAULT_LR`."""
     head_lr: float | None = None
     """Peak learning rate of the task head; None: the same as `lr`."""
+    prefix_lr: float | None = None
+    """Peak learning rate of the prefix MLP (prefix tuning, MAM); None: `PREFIX_MLP_LR`."""
     warmup: float = 0.06
     """Fraction of the steps with a linear warm-up; the rest decays linearly to 0."""
     weight_decay: float = 0.0
@@ -412,9 +419,14 @@ def train(
     lr = opts.lr or DEFAULT_LR[method]
     decay = opts.weight_decay if opts.weight_decay else (0.01 if method == FULL else 0.0)
     head_lr = lr if opts.head_lr is None else opts.head_lr
-    head = [v for k, v in named.items() if k.startswith("head.")]
-    rest = [v for k, v in named.items() if not k.startswith("head.")]
-    groups = [{"params": rest, "lr": lr}] + ([{"params": head, "lr": head_lr}] if head else [])
+    prefix_lr = PREFIX_MLP_LR if opts.prefix_lr is None else opts.prefix_lr
+    # three rates: the adapter's own tensors, the prefix MLP (each of its weights moves every prefix
+    # entry, so it needs a far smaller step than the prefixes themselves), and the head
+    part = {"head": [], "reparam": [], "rest": []}
+    for k, v in named.items():
+        part["head" if k.startswith("head.") else "reparam" if k.startswith("reparam.") else "rest"].append(v)
+    rates = {"rest": lr, "reparam": prefix_lr, "head": head_lr}
+    groups = [{"params": part[g], "lr": rates[g]} for g in ("rest", "reparam", "head") if part[g]]
     optim = torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
     batches = Batches(train_data, batch_size=opts.batch_size, pad_id=pad)
     dev = Batches(dev_data, batch_size=64, pad_id=pad)
