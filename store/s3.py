@@ -30,7 +30,6 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,17 @@ from store.errors import (
     NotFound,
     PayloadTooLarge,
     StoreFull,
-    StoreUnavailable,
     VersionConflict,
+)
+from store.s3_io import (
+    S3Location,
+    default_client,
+    fetch_verified,
+    is_missing,
+    is_s3_url,
+    lost_race,
+    probe_conditional_writes,
+    s3_errors,
 )
 from store.safetensors_io import SafetensorsLimits
 
@@ -71,11 +79,6 @@ _CHUNK = 1 << 20
 # A conditional write that lost a race is retried against the new state; past this many losses in a
 # row something is wrong (a hot loop of writers), and the caller gets a 409 instead of a livelock.
 _MAX_CAS_TRIES = 64
-_FULL_CODES = {"QuotaExceeded", "XMinioStorageFull", "InsufficientCapacity", "EntityTooLarge"}
-# 412: the condition failed. 409 ConditionalRequestConflict: AWS saw a concurrent conditional write to
-# the same key in flight; both mean "someone else changed it first".
-_LOST_RACE_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
-
 # The steps of put_version, in order; _crash_point is called with each name (tests stop the server there).
 PUT_STEPS = ("copied", "validated", "blobs_written", "manifest_written", "pointer_written")
 _crash_point: Callable[[str], None] | None = None
@@ -84,66 +87,6 @@ _crash_point: Callable[[str], None] | None = None
 def _step(name: str) -> None:
     if _crash_point is not None:
         _crash_point(name)
-
-
-def is_s3_url(location: object) -> bool:
-    """True when a store location names an S3 bucket (``s3://bucket[/prefix]``)."""
-    return isinstance(location, str) and location.startswith("s3://")
-
-
-@dataclass(frozen=True)
-class S3Location:
-    """A bucket and a key prefix (no leading or trailing slash; may be empty)."""
-
-    bucket: str
-    prefix: str = ""
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        """Parse ``s3://bucket/prefix``; a bucket name that S3 would refuse is a configuration error."""
-        if not is_s3_url(url):
-            raise ValueError(f"not an s3:// URL: {url!r}")
-        bucket, _, prefix = url[len("s3://") :].partition("/")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            raise ValueError(f"invalid S3 bucket name {bucket!r} in the store URL")
-        prefix = prefix.strip("/")
-        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-            raise ValueError(f"invalid S3 key prefix {prefix!r}: empty, '.' or '..' segments")
-        return cls(bucket=bucket, prefix=prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-
-def _code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", "")) or str(
-        response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
-    )
-
-
-def _is_missing(exc: Exception) -> bool:
-    return _code(exc) in {"NoSuchKey", "404", "NotFound"}
-
-
-def _lost_race(exc: Exception) -> bool:
-    return _code(exc) in _LOST_RACE_CODES
-
-
-def _default_client() -> Any:
-    """A boto3 S3 client from the usual AWS environment (AWS_ENDPOINT_URL, AWS_REGION, credentials...)."""
-    import boto3
-    from botocore.config import Config
-
-    custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    config = Config(
-        connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 3, "mode": "standard"},
-        # MinIO and Ceph are usually reached by host name or IP without wildcard DNS: path-style keys.
-        s3={"addressing_style": "path" if custom_endpoint else "auto"},
-    )
-    return boto3.session.Session().client("s3", config=config)
 
 
 class S3Store(ArtifactStore):
@@ -165,7 +108,7 @@ class S3Store(ArtifactStore):
         self.max_store_bytes = max_store_bytes
         self.blob_grace_s = blob_grace_s
         """Unreferenced blobs younger than this are kept: a writer may be about to name them."""
-        self._s3 = client if client is not None else _default_client()
+        self._s3 = client if client is not None else default_client()
         self._bucket = self.location.bucket
         self._prefix = f"{self.location.prefix}/" if self.location.prefix else ""
         if cache_dir is None:
@@ -181,10 +124,10 @@ class S3Store(ArtifactStore):
             os.makedirs(self._cache / "blobs", mode=0o700, exist_ok=True)
         except OSError as exc:
             raise durable.io_error(exc, "creating the local cache of the object store") from None
-        with self._errors("opening the store"):
+        with s3_errors("opening the store"):
             self._s3.head_bucket(Bucket=self._bucket)
             if check_conditional_writes:
-                self._check_conditional_writes()
+                probe_conditional_writes(self._s3, self._bucket, self._key(".probe", secrets.token_hex(8)))
 
     # -- keys and errors ----------------------------------------------------------------------------
 
@@ -203,58 +146,6 @@ class S3Store(ArtifactStore):
             raise InvalidRequest(f"version must be an integer from 1 to {_MAX_VERSION}, got {version!r:.40}")
         return version
 
-    @contextlib.contextmanager
-    def _errors(self, what: str, *, undone: bool = False) -> Iterator[None]:
-        """Map boto errors to StoreFull / StoreUnavailable; messages name no bucket, key or credential."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        outcome = "; nothing was changed" if undone else ""
-        try:
-            yield
-        except ClientError as exc:
-            code = _code(exc)
-            if code in _FULL_CODES:
-                raise StoreFull(
-                    f"the object store ran out of space while {what}{outcome}", reason=code
-                ) from None
-            if code in {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-                raise StoreUnavailable(
-                    f"the object store refused {what}: {code} (check the bucket and the credentials)",
-                    reason=code,
-                ) from None
-            raise StoreUnavailable(
-                f"the object store failed while {what}: {code}{outcome}", reason=code
-            ) from None
-        except BotoCoreError as exc:
-            reason = type(exc).__name__
-            raise StoreUnavailable(
-                f"the object store failed while {what}: {reason}{outcome}", reason=reason
-            ) from None
-        except OSError as exc:
-            raise durable.io_error(exc, what, undone=undone) from None
-
-    def _check_conditional_writes(self) -> None:
-        """Refuse a server that ignores If-None-Match / If-Match: it could not keep two writers apart."""
-        from botocore.exceptions import ClientError
-
-        key = self._key(".probe", secrets.token_hex(8))
-        self._s3.put_object(Bucket=self._bucket, Key=key, Body=b"1", IfNoneMatch="*")
-        try:
-            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"0123456789abcdef0123456789abcdef"'}):
-                try:
-                    self._s3.put_object(Bucket=self._bucket, Key=key, Body=b"2", **condition)
-                except ClientError as exc:
-                    if _lost_race(exc):
-                        continue
-                    raise
-                raise StoreUnavailable(
-                    f"the object store ignores conditional writes ({next(iter(condition))}); it cannot "
-                    "hold the store safely (AWS S3, MinIO and Ceph RGW honour them)"
-                )
-        finally:
-            with contextlib.suppress(ClientError):
-                self._s3.delete_object(Bucket=self._bucket, Key=key)
-
     # -- small objects --------------------------------------------------------------------------------
 
     def _get_small(self, key: str) -> tuple[bytes, str] | None:
@@ -264,7 +155,7 @@ class S3Store(ArtifactStore):
         try:
             response = self._s3.get_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return None
             raise
         if response.get("ContentLength", 0) > _MAX_SMALL_OBJECT:
@@ -337,7 +228,7 @@ class S3Store(ArtifactStore):
                 )
                 return new
             except ClientError as exc:
-                if _lost_race(exc) or (etag is not None and _is_missing(exc)):
+                if lost_race(exc) or (etag is not None and is_missing(exc)):
                     continue
                 raise
         raise VersionConflict(f"the current version of {label(kind, name)} kept changing; try again")
@@ -348,7 +239,7 @@ class S3Store(ArtifactStore):
         try:
             return self._s3.head_object(Bucket=self._bucket, Key=key)["ETag"]
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return None
             raise
 
@@ -381,7 +272,7 @@ class S3Store(ArtifactStore):
 
     def usage_bytes(self) -> int:
         """Bytes held by all stored versions (config plus weights), counted per version like the local store."""
-        with self._errors("checking the size of the store"):
+        with s3_errors("checking the size of the store"):
             return sum(
                 m["config"]["size"] + m["weights"]["size"]  # type: ignore[index]
                 for _, m in self._all_manifests()
@@ -432,7 +323,7 @@ class S3Store(ArtifactStore):
                 f"{who}: config ({len(config_bytes)} bytes) or weights ({src_size} bytes) exceed the limits "
                 f"of {_MAX_CONFIG_BYTES} and {self.limits.max_file_bytes} bytes"
             )
-        with self._errors(f"checking {who}", undone=True):
+        with s3_errors(f"checking {who}", undone=True):
             if version is not None and self._etag_of(f"{manifest_base}v{version}.json") is not None:
                 raise VersionConflict(f"{who} already has version {version}")
             self._check_quota(len(config_bytes) + src_size, who)
@@ -453,7 +344,7 @@ class S3Store(ArtifactStore):
                 weights={"file": weights_name, "sha256": weights_sha, "size": weights_size},
             )
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            with self._errors(f"storing {who}", undone=True):
+            with s3_errors(f"storing {who}", undone=True):
                 self._put_blob(config_sha, data=config_bytes)
                 self._put_blob(weights_sha, path=tmp)
                 _step("blobs_written")
@@ -461,7 +352,7 @@ class S3Store(ArtifactStore):
             _step("manifest_written")
             manifest_key = f"{manifest_base}v{version}.json"
             try:
-                with self._errors(f"storing {who}", undone=True):
+                with s3_errors(f"storing {who}", undone=True):
                     if self.max_store_bytes is not None:
                         # Checked again after the claim, when every concurrent writer's manifest is
                         # listed: two racing uploads may both be refused, never both admitted past it.
@@ -513,7 +404,7 @@ class S3Store(ArtifactStore):
                 )
                 return number
             except ClientError as exc:
-                if not _lost_race(exc):
+                if not lost_race(exc):
                     raise
                 if version is not None:
                     raise VersionConflict(f"{who} already has version {version}") from None
@@ -537,7 +428,7 @@ class S3Store(ArtifactStore):
         self._check_version(version)
         who = label(kind, name)
         key = self._name_key(kind, name, f"v{version}.json")
-        with self._errors(f"changing the current version of {who}"):
+        with s3_errors(f"changing the current version of {who}"):
             manifest = self._manifest(key)
             if manifest is None:
                 raise NotFound(f"{who} has no version {version}")
@@ -566,7 +457,7 @@ class S3Store(ArtifactStore):
         self._check_version(version)
         who = label(kind, name)
         key = self._name_key(kind, name, f"v{version}.json")
-        with self._errors(f"deleting version {version} of {who}"):
+        with s3_errors(f"deleting version {version} of {who}"):
             versions = self._scan(kind, name)
             if version not in versions and self._etag_of(key) is None:
                 raise NotFound(f"{who} has no version {version}")
@@ -595,7 +486,7 @@ class S3Store(ArtifactStore):
     def delete(self, kind: str, name: str) -> None:
         """Remove a name and all its versions."""
         who = label(kind, name)
-        with self._errors(f"deleting {who}"):
+        with s3_errors(f"deleting {who}"):
             versions = self._scan(kind, name)
             if not versions:
                 raise NotFound(f"{who} does not exist")
@@ -618,7 +509,7 @@ class S3Store(ArtifactStore):
             try:
                 head = self._s3.head_object(Bucket=self._bucket, Key=self._blob_key(sha))
             except ClientError as exc:
-                if _is_missing(exc):
+                if is_missing(exc):
                     continue
                 raise
             if time.time() - head["LastModified"].timestamp() >= self.blob_grace_s:
@@ -628,7 +519,7 @@ class S3Store(ArtifactStore):
 
     def collect_garbage(self) -> int:
         """Delete every unreferenced blob past the grace period (left by crashed writers); return the count."""
-        with self._errors("collecting unreferenced blobs"):
+        with s3_errors("collecting unreferenced blobs"):
             shas = [obj["Key"].rsplit("/", 1)[1] for obj in self._list(self._key("blobs", "sha256", ""))]
             before = len(shas)
             self._collect(shas)
@@ -645,8 +536,15 @@ class S3Store(ArtifactStore):
                 raise NotFound(f"{label(kind, name)} has no current version")
         manifest, config = self._verified(kind, name, version)
         what = f"{label(kind, name)} version {version} weights"
-        with self._errors(f"reading {label(kind, name)} version {version}"):
-            path = self._fetch_weights(manifest["weights"], what)  # type: ignore[arg-type]
+        with s3_errors(f"reading {label(kind, name)} version {version}"):
+            path = fetch_verified(
+                self._s3,
+                self._bucket,
+                self._blob_key(manifest["weights"]["sha256"]),  # type: ignore[index]
+                entry=manifest["weights"],  # type: ignore[arg-type]
+                cache=self._cache,
+                what=what,
+            )
         return StoredArtifact(
             info=version_info(kind, name, version, manifest), config_bytes=config, weights_path=path
         )
@@ -658,7 +556,7 @@ class S3Store(ArtifactStore):
     def _verified(self, kind: str, name: str, version: int) -> tuple[dict[str, object], bytes]:
         who = label(kind, name)
         self._check_version(version)
-        with self._errors(f"reading {who} version {version}"):
+        with s3_errors(f"reading {who} version {version}"):
             key = self._name_key(kind, name, f"v{version}.json")
             manifest = self._manifest(key)
             if manifest is None:
@@ -677,57 +575,10 @@ class S3Store(ArtifactStore):
                 )
         return manifest, config
 
-    def _fetch_weights(self, entry: dict[str, Any], what: str) -> Path:
-        """A verified local copy of a weights blob: the cached one if it still hashes right, else fetched."""
-        path = self._cache / "blobs" / entry["sha256"]
-        if os.path.lexists(path):
-            try:
-                durable.verified_file(path, entry, what, keep=False)
-                with contextlib.suppress(OSError):
-                    os.utime(path)
-                return path
-            except (ArtifactCorrupt, OSError):
-                # The cache is only a copy: a damaged one is fetched again, never served.
-                log.warning("%s: the local copy was damaged; fetching it again", what)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self._s3.get_object(Bucket=self._bucket, Key=self._blob_key(entry["sha256"]))
-        except ClientError as exc:
-            if _is_missing(exc):
-                raise ArtifactCorrupt(f"{what}: the blob is missing") from None
-            raise
-        tmp = self._cache / "tmp" / f"{secrets.token_hex(8)}.part"
-        try:
-            limit = entry["size"]
-            chunks = response["Body"].iter_chunks(_CHUNK)
-
-            def bounded() -> Iterator[bytes]:
-                seen = 0
-                for chunk in chunks:
-                    seen += len(chunk)
-                    if seen > limit:
-                        raise ArtifactCorrupt(f"{what}: the blob is longer than its recorded size")
-                    yield chunk
-
-            sha, size = durable.write_file(tmp, bounded())
-            if size != limit or sha != entry["sha256"]:
-                raise ArtifactCorrupt(
-                    f"{what}: the blob does not match its recorded sha256; restore or re-upload it"
-                )
-            os.replace(tmp, path)
-        finally:
-            response["Body"].close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        return path
-
     def current_version(self, kind: str, name: str) -> int | None:
         """The current version of a name, or None when none is active; NotFound for an unknown name."""
         who = label(kind, name)
-        with self._errors(f"reading {who}"):
+        with s3_errors(f"reading {who}"):
             state, _ = self._read_pointer(kind, name)
             if state is not None and state["version"] is not None:
                 return state["version"]
@@ -739,7 +590,7 @@ class S3Store(ArtifactStore):
         """Names of the given kind that hold at least one version, sorted."""
         base = self._key(check_kind(kind), "")
         names = set()
-        with self._errors(f"listing {kind}"):
+        with s3_errors(f"listing {kind}"):
             for obj in self._list(base):
                 parts = obj["Key"][len(base) :].split("/")
                 if len(parts) == 2 and _VERSION_KEY_RE.fullmatch(parts[1]):
@@ -751,7 +602,7 @@ class S3Store(ArtifactStore):
         base = self._key(check_kind(kind), "")
         names: set[str] = set()
         pointers: dict[str, str] = {}
-        with self._errors(f"listing {kind}"):
+        with s3_errors(f"listing {kind}"):
             for obj in self._list(base):
                 parts = obj["Key"][len(base) :].split("/")
                 if len(parts) != 2 or not is_valid_name(parts[0]):
@@ -780,7 +631,7 @@ class S3Store(ArtifactStore):
 
     def list_versions(self, kind: str, name: str) -> list[VersionInfo]:
         """All versions of a name, oldest first; NotFound for an unknown name."""
-        with self._errors(f"listing {label(kind, name)}"):
+        with s3_errors(f"listing {label(kind, name)}"):
             versions = self._scan(kind, name)
         if not versions:
             raise NotFound(f"{label(kind, name)} does not exist")
