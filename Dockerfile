@@ -9,19 +9,26 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 # cpu, or the CUDA build of the PyTorch wheel index (cu126, cu128, ...); the wheels carry CUDA itself
 ARG TORCH_VARIANT=cpu
+# the index torch comes from (an ARG, so a build can point it at a mirror); empty: pip's configured
+# indexes, e.g. those of the pip_conf secret below
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-ENV TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}"
 WORKDIR /src
 COPY scripts/install.sh scripts/install.sh
+# A package mirror and its CA bundle arrive as build secrets, never as layers or build args:
+#   docker build --secret id=pip_conf,src=pip.conf --secret id=ca_bundle,src=ca.pem .
+# install.sh uses them when present (PIP_CONFIG_FILE, PIP_CERT); without them pip's defaults apply.
 # torch in a layer of its own: editing the sources does not download it again
-RUN scripts/install.sh /opt/venv --torch-only
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=ca_bundle \
+    scripts/install.sh /opt/venv --torch-only
 COPY pyproject.toml README.md ./
 COPY adapters adapters
 COPY store store
 COPY service service
 # pip's compiled bytecode stays: the runtime user cannot write it, and torch imports fast with it
-RUN scripts/install.sh /opt/venv
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=ca_bundle \
+    scripts/install.sh /opt/venv
 
 # -- runtime: the interpreter, the virtual environment and nothing else ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -15,7 +15,13 @@
 #   TORCH_INDEX_URL  index that torch is installed from, e.g. the PyTorch CPU or CUDA wheel index;
 #                    empty: pip's configured indexes (which must then provide the build wanted)
 #   PIP_*            pip's own settings (PIP_NO_CACHE_DIR=1 keeps images small)
+#   BUILD_SECRETS    where an image build mounts its secrets (default /run/secrets): a `pip_conf`
+#                    there becomes PIP_CONFIG_FILE (a package mirror), a `ca_bundle` PIP_CERT
 set -euo pipefail
+
+secrets=${BUILD_SECRETS:-/run/secrets}
+if [[ -s $secrets/pip_conf ]]; then export PIP_CONFIG_FILE=$secrets/pip_conf; fi
+if [[ -s $secrets/ca_bundle ]]; then export PIP_CERT=$secrets/ca_bundle; fi
 
 TORCH_VERSION=2.13.0  # keep equal to the pin in pyproject.toml (tests/unit/test_deploy.py checks)
 
