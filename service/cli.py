@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("mixed", "http", "hyper", "quality", "embed", "soak")
+BENCHMARKS = ("mixed", "http", "hyper", "quality", "embed", "soak", "generate")
 
 
 def _bench(args: argparse.Namespace) -> int:
