@@ -301,7 +301,13 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
     # Every replica polls the shared store, so an upload through one is served by all.
     env.setdefault("ADAPTERSERVE_STORE_POLL_S", "2")
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": rs.cpus_per_replica, "num_gpus": rs.gpus_per_replica},
+        "ray_actor_options": {
+            "num_cpus": rs.cpus_per_replica,
+            "num_gpus": rs.gpus_per_replica,
+            # In the worker's environment before this module is imported there: the multiplexed
+            # limit is read at import (ADAPTERSERVE_SLOTS), and the settings at start.
+            "runtime_env": {"env_vars": {**env, "PYTHONPATH": _pythonpath()}},
+        },
         "max_ongoing_requests": rs.max_ongoing_requests,
     }
     if rs.max_replicas is not None and rs.max_replicas > rs.replicas:
@@ -316,16 +322,18 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engine)
 
 
+def _pythonpath() -> str:
+    """This checkout first, so workers import the same code as the driver."""
+    repo = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+
+
 def run(*, replicas: int, host: str, port: int) -> int:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy the application and serve until a signal."""
     import ray
 
-    repo = str(Path(__file__).resolve().parents[1])
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        runtime_env={
-            "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-        },
+        address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}
     )
     serve.start(http_options={"host": host, "port": port})
     settings = RaySettings(replicas=replicas) if replicas else RaySettings()
