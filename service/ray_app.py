@@ -38,6 +38,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
+from service.errors import protocol_body
+
 __all__ = ["Engine", "Ingress", "RaySettings", "build_app", "merge_metrics", "run", "task_of"]
 
 log = logging.getLogger(__name__)
@@ -278,16 +280,37 @@ class Ingress:
         """Send the request, as it came, to a replica chosen by Ray's multiplexed routing."""
         body = await request.body()
         task = task_of(request.method, request.url.path, body)
+        from ray.exceptions import RayActorError
+
         handle = self.engine.options(multiplexed_model_id=task) if task else self.engine
-        out = await handle.remote(
-            {
-                "method": request.method,
-                "path": request.url.path,
-                "query": list(request.query_params.multi_items()),
-                "headers": [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS],
-                "body": body,
-            }
-        )
+        payload = {
+            "method": request.method,
+            "path": request.url.path,
+            "query": list(request.query_params.multi_items()),
+            "headers": [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS],
+            "body": body,
+        }
+        # Requests for a task change nothing, so one that lost its replica (killed, or gone mid-load)
+        # runs again on another; a management request may already have been applied: say so.
+        for attempt in range(2 if task else 1):
+            try:
+                out = await handle.remote(payload)
+                break
+            except RayActorError:
+                log.warning("a replica stopped during %s %s (attempt %d)", request.method, path, attempt + 1)
+        else:
+            message = (
+                "the replica serving this request stopped; retry it"
+                if task
+                else "the replica handling this request stopped; check whether it was applied, then retry"
+            )
+            body_ = protocol_body(request.url.path, "replica_unavailable", message, 503)
+            return Response(
+                json.dumps(body_),
+                status_code=503,
+                media_type="application/json",
+                headers={"Retry-After": "1"},
+            )
         response = Response(content=out["body"], status_code=out["status"])
         for key, value in out["headers"]:
             response.headers.append(key, value)

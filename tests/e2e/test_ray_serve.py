@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -152,3 +153,60 @@ def test_routing_affinity_and_an_upload_served_by_both_replicas(
             if len(answered) == 2:
                 break
         assert len(answered) == 2, answered
+
+
+def test_a_replica_killed_under_load_loses_no_request(
+    cluster: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ref = InProcess(tiny_model_dir)
+    config = {"method": "ia3", "backbone_fingerprint": ref.spec.fingerprint, "head": HEAD}
+    d = write_random_artifact(tmp_path / "gamma", config, ref.spec, seed=7)
+    want = ref.outputs(d, TEXTS)
+    files = {
+        "config": ("adapter_config.json", (d / "adapter_config.json").read_bytes(), "application/json"),
+        "weights": (
+            "adapter.safetensors",
+            (d / "adapter.safetensors").read_bytes(),
+            "application/octet-stream",
+        ),
+    }
+    with httpx.Client(base_url=cluster, timeout=60) as client:
+        r = client.post("/v1/adapters/gamma", files=files, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while (r := client.post("/v1/tasks/gamma/predict", json={"inputs": TEXTS})).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        home = r.headers["x-adapterserve-replica"]
+        (victim,) = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "Engine" in a["name"] and home in a["name"]
+        ]
+        # Four clients keep requests in flight while the replica where gamma is resident is killed.
+        results: list[httpx.Response] = []
+
+        def client_loop() -> None:
+            with httpx.Client(base_url=cluster, timeout=60) as own:
+                for _ in range(12):
+                    results.append(own.post("/v1/tasks/gamma/predict", json={"inputs": TEXTS}))
+
+        threads = [threading.Thread(target=client_loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        while len(results) < 4:
+            time.sleep(0.01)
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        for t in threads:
+            t.join()
+        statuses = [r.status_code for r in results]
+        for r in results:
+            if r.status_code == 200:
+                assert_close(r.json()["outputs"], want)
+            else:  # never a bare 500: a clear 503 the client can retry
+                assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+                assert r.json()["error"]["type"] == "replica_unavailable"
+        r = client.post("/v1/tasks/gamma/predict", json={"inputs": TEXTS})
+        statuses.append(r.status_code)
+        assert len(statuses) == 49 and statuses[-1] == 200, statuses  # the survivor took the task over
+        assert r.headers["x-adapterserve-replica"] != home
