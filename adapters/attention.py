@@ -27,22 +27,29 @@ _INNER_IMPL = "sdpa"
 
 
 class PrefixBank(_Bank):
-    """Per-task key/value prefixes for one self-attention, already projected: `[S, L, inner]`."""
+    """Per-task key/value prefixes for one self-attention, already projected: pooled rows `[inner]`.
+
+    A prefix of length L owns L rows of `key` and of `value`, so lengths 5 and 512 share the bank
+    without either reserving the other's room.
+    """
 
     _meta = ("length",)
 
-    def __init__(self, *, max_len: int, inner: int, num_heads: int, slots: int, router: Router, **factory):
+    def __init__(
+        self, *, max_len: int | None = None, inner: int, num_heads: int, slots: int, router: Router, **factory
+    ):
         super().__init__(slots=slots, router=router)
         self.max_len = max_len
         self.num_heads = num_heads
-        self.register_buffer("key", torch.zeros(slots, max_len, inner, **factory), persistent=False)
-        self.register_buffer("value", torch.zeros(slots, max_len, inner, **factory), persistent=False)
+        self.pool = self._pool(
+            ranked=True, buffers={"key": ((inner,), 0.0), "value": ((inner,), 0.0)}, **factory
+        )
         self.length = np.zeros(slots, dtype=np.int64)
 
     def layout(self, *, key: torch.Tensor, value: torch.Tensor):
         """A task's prefixes, [L, inner] each."""
         n = key.shape[0]
-        if n > self.max_len:
+        if self.max_len is not None and n > self.max_len:
             raise ValueError(f"prefix length {n} exceeds the bank's maximum {self.max_len}")
         return {"key": key, "value": value}, {"length": n}
 
@@ -67,11 +74,12 @@ class PrefixBank(_Bank):
         b, nh, tk, d = key.shape
         single = rt.single
         if single is not None:
-            pk = self.key[single, :n].expand(b, n, -1)
-            pv = self.value[single, :n].expand(b, n, -1)
+            pk = self.pool.span("key", single).expand(b, n, -1)
+            pv = self.pool.span("value", single).expand(b, n, -1)
         else:
-            pk = self.key.index_select(0, rt.slots)[:, :n]
-            pv = self.value.index_select(0, rt.slots)[:, :n]
+            ix = self.pool.index(rt.slots_np, n)
+            pk = self.pool.take("key", ix, b, n)
+            pv = self.pool.take("value", ix, b, n)
         pk = pk.reshape(b, n, nh, d).transpose(1, 2).to(key.dtype)
         pv = pv.reshape(b, n, nh, d).transpose(1, 2).to(value.dtype)
         key = torch.cat([pk, key], dim=2)

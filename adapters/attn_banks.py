@@ -17,34 +17,50 @@ __all__ = ["FactoredPHMBank", "MHParallelBank", "TinyAttentionBank"]
 class MHParallelBank(_Bank):
     """A parallel bottleneck per attention head (He et al.), added to the heads' outputs before O.
 
-    Head h reads the attention input x: `o_h + s * up_h(f(down_h(x)))`; the bank keeps
-    down as [S, H, heads, r] and up as [S, heads, r, d] so ranks pad per head.
+    Head h reads the attention input x: `o_h + s * up_h(f(down_h(x)))`. The per-head width r is
+    the pooled (rank) dimension: down rows are [H, heads], up rows [heads, d], so widths pad per
+    head with the zero row.
     """
 
     _meta = ("rank", "act")
 
     def __init__(
-        self, *, hidden: int, heads: int, head_dim: int, max_dim: int, slots: int, router: Router, **fac
+        self,
+        *,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        max_dim: int | None = None,
+        slots: int,
+        router: Router,
+        **fac,
     ):
         super().__init__(slots=slots, router=router)
         self.heads, self.head_dim, self.max_dim = heads, head_dim, max_dim
-        self.register_buffer("down", torch.zeros(slots, hidden, heads, max_dim, **fac), persistent=False)
-        self.register_buffer("down_b", torch.zeros(slots, heads, max_dim, **fac), persistent=False)
-        self.register_buffer("up", torch.zeros(slots, heads, max_dim, head_dim, **fac), persistent=False)
-        self.register_buffer("up_b", torch.zeros(slots, heads * head_dim, **fac), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, **fac), persistent=False)
+        self.pool = self._pool(
+            ranked=True,
+            buffers={
+                "down": ((hidden, heads), 0.0),
+                "down_b": ((heads,), 0.0),
+                "up": ((heads, head_dim), 0.0),
+            },
+            **fac,
+        )
+        self.pool_one = self._pool(
+            ranked=False, buffers={"up_b": ((heads * head_dim,), 0.0), "scale": ((), 0.0)}, **fac
+        )
         self.rank = np.zeros(slots, dtype=np.int64)
         self.act = np.zeros(slots, dtype=np.int64)
 
     def layout(self, *, down_w, down_b, up_w, up_b, activation: str, scale):
-        """Weights (down: [heads*r, H] head-major, up: [heads, d, r]) -> per-head bank layout."""
+        """Weights (down: [heads*r, H] head-major, up: [heads, d, r]) -> rank-major rows."""
         r = down_w.shape[0] // self.heads
-        if r > self.max_dim:
+        if self.max_dim is not None and r > self.max_dim:
             raise ValueError(f"per-head bottleneck {r} exceeds the bank's maximum {self.max_dim}")
         tensors = {
-            "down": down_w.t().reshape(-1, self.heads, r),
-            "down_b": down_b.view(self.heads, r),
-            "up": up_w.transpose(1, 2),
+            "down": down_w.t().reshape(-1, self.heads, r).permute(2, 0, 1),  # [r, H, heads]
+            "down_b": down_b.view(self.heads, r).t(),  # [r, heads]
+            "up": up_w.permute(2, 0, 1),  # [r, heads, d]
             "up_b": up_b,
             "scale": torch.as_tensor(scale, dtype=down_w.dtype).reshape(()),
         }
@@ -53,20 +69,25 @@ class MHParallelBank(_Bank):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row head-output update [B, T, heads*d] for attention input x [B, T, H]."""
         rt = self.router
-        r = int(self.rank[rt.unique].max())
+        pool, one = self.pool, self.pool_one
         b, t, h = x.shape
         single = rt.single
         if single is not None:
-            z = x @ self.down[single, :, :, :r].reshape(h, -1) + self.down_b[single, :, :r].reshape(-1)
+            r = int(self.rank[single])
+            down = pool.span("down", single).permute(1, 2, 0).reshape(h, -1)
+            z = x @ down + pool.span("down_b", single).t().reshape(-1)
             z = activate(z, int(self.act[single])).view(b, t, self.heads, r)
-            y = torch.einsum("btnr,nrd->btnd", z, self.up[single, :, :r]).reshape(b, t, -1)
-            return (y + self.up_b[single]) * self.scale[single]
-        s = rt.slots
-        down = self.down[s, :, :, :r].reshape(b, h, -1)
-        z = torch.baddbmm(self.down_b[s, :, :r].reshape(b, 1, -1), x, down)
+            y = torch.einsum("btnr,rnd->btnd", z, pool.span("up", single)).reshape(b, t, -1)
+            return (y + one.span("up_b", single)) * one.span("scale", single)
+        s_np = rt.slots_np
+        r = int(self.rank[s_np].max())
+        ix, i1 = pool.index(s_np, r), one.index(s_np)
+        down = pool.take("down", ix, b, r).permute(0, 2, 3, 1).reshape(b, h, -1)
+        down_b = pool.take("down_b", ix, b, r).transpose(1, 2).reshape(b, 1, -1)
+        z = torch.baddbmm(down_b, x, down)
         z = activate_rows(z, self.act, rt).view(b, t, self.heads, r)
-        y = torch.einsum("btnr,bnrd->btnd", z, self.up[s, :, :r]).reshape(b, t, -1)
-        return (y + self.up_b[s].unsqueeze(1)) * self.scale[s].view(-1, 1, 1)
+        y = torch.einsum("btnr,brnd->btnd", z, pool.take("up", ix, b, r)).reshape(b, t, -1)
+        return (y + one.take("up_b", i1, b).unsqueeze(1)) * one.take("scale", i1, b).view(-1, 1, 1)
 
 
 class TinyAttentionBank(_Bank):
@@ -74,49 +95,59 @@ class TinyAttentionBank(_Bank):
 
     Each of K heads has width E; head outputs are averaged. The averaging (1/K) is folded into
     the heads' output weights and the 1/sqrt(E) score scale into the query weights at load, so
-    rows with different E or K share the bank exactly through zero padding.
+    rows with different E or K share the bank exactly through zero padding. One pooled row per
+    slot, as wide as the widest adapter loaded (E and K are a few units).
     """
 
-    def __init__(self, *, hidden: int, max_dim: int, max_heads: int, slots: int, router: Router, **fac):
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        max_dim: int | None = None,
+        max_heads: int | None = None,
+        slots: int,
+        router: Router,
+        **fac,
+    ):
         super().__init__(slots=slots, router=router)
-        e, k = max_dim, max_heads
-        self.max_dim, self.max_heads = e, k
-        self.register_buffer("ln_w", torch.zeros(slots, hidden, **fac), persistent=False)
-        self.register_buffer("ln_b", torch.zeros(slots, hidden, **fac), persistent=False)
-        self.register_buffer("in_w", torch.zeros(slots, hidden, e, **fac), persistent=False)
-        self.register_buffer("in_b", torch.zeros(slots, e, **fac), persistent=False)
-        self.register_buffer("qkv_w", torch.zeros(slots, k, e, 3 * e, **fac), persistent=False)
-        self.register_buffer("qkv_b", torch.zeros(slots, k, 3 * e, **fac), persistent=False)
-        self.register_buffer("o_w", torch.zeros(slots, k, e, e, **fac), persistent=False)
-        self.register_buffer("o_b", torch.zeros(slots, e, **fac), persistent=False)
-        self.register_buffer("out_w", torch.zeros(slots, e, hidden, **fac), persistent=False)
-        self.register_buffer("out_b", torch.zeros(slots, hidden, **fac), persistent=False)
+        self.max_dim, self.max_heads = max_dim, max_heads
+        z = 0.0
+        self.pool = self._pool(
+            ranked=False,
+            buffers={
+                "ln_w": ((hidden,), z),
+                "ln_b": ((hidden,), z),
+                "in_w": ((hidden, 0), z),
+                "in_b": ((0,), z),
+                "qkv_w": ((0, 0, 3, 0), z),
+                "qkv_b": ((0, 3, 0), z),
+                "o_w": ((0, 0, 0), z),
+                "o_b": ((0,), z),
+                "out_w": ((0, hidden), z),
+                "out_b": ((hidden,), z),
+            },
+            **fac,
+        )
 
     def layout(self, *, tensors: dict[str, torch.Tensor]):
         """One layer's tiny attention (artifact layout, K heads of width E) in bank layout."""
         k, _, e = tensors["qkv.weight"].shape
-        if e > self.max_dim or k > self.max_heads:
+        if (self.max_dim is not None and e > self.max_dim) or (
+            self.max_heads is not None and k > self.max_heads
+        ):
             raise ValueError(f"tiny attention E={e}, heads={k} exceeds the bank's maximum")
-        em = self.max_dim
-        # q, k and v sit at offsets 0, E_max and 2 E_max so a forward can split at E_max
-        qkv_w = tensors["qkv.weight"].transpose(1, 2)  # [K, E, 3E]
-        qkv_b = tensors["qkv.bias"]
-        scale = torch.ones(3 * e, dtype=qkv_w.dtype, device=qkv_w.device)
-        scale[:e] = 1.0 / math.sqrt(e)
-        qkv_w, qkv_b = qkv_w * scale, qkv_b * scale
-        zeros_w = qkv_w.new_zeros(k, e, em - e)
-        zeros_b = qkv_b.new_zeros(k, em - e)
-        parts_w, parts_b = [], []
-        for part in range(3):
-            parts_w += [qkv_w[:, :, part * e : (part + 1) * e], zeros_w]
-            parts_b += [qkv_b[:, part * e : (part + 1) * e], zeros_b]
+        # [K, 3E, E] (outputs, inputs) -> [K, E_in, 3, E_out]: q, k and v stay apart when E is padded
+        qkv_w = tensors["qkv.weight"].transpose(1, 2).reshape(k, e, 3, e)
+        qkv_b = tensors["qkv.bias"].reshape(k, 3, e)
+        scale = torch.ones(3, 1, dtype=qkv_w.dtype, device=qkv_w.device)
+        scale[0] = 1.0 / math.sqrt(e)
         out = {
             "ln_w": tensors["ln.weight"],
             "ln_b": tensors["ln.bias"],
             "in_w": tensors["in.weight"].t(),
             "in_b": tensors["in.bias"],
-            "qkv_w": torch.cat(parts_w, dim=-1),
-            "qkv_b": torch.cat(parts_b, dim=-1),
+            "qkv_w": qkv_w * scale,
+            "qkv_b": qkv_b * scale,
             "o_w": tensors["o.weight"].transpose(1, 2) / k,
             "o_b": tensors["o.bias"].mean(0),
             "out_w": tensors["out.weight"].t(),
@@ -127,49 +158,62 @@ class TinyAttentionBank(_Bank):
     def delta(self, a: torch.Tensor) -> torch.Tensor:
         """Per-row tiny-attention output [B, T, H] for attention outputs a [B, T, H]."""
         rt = self.router
-        s = rt.slots
-        t = a.shape[1]
-        e = self.max_dim
-        u = F.layer_norm(a, a.shape[-1:]) * self.ln_w[s].unsqueeze(1) + self.ln_b[s].unsqueeze(1)
-        u = torch.baddbmm(self.in_b[s].unsqueeze(1), u, self.in_w[s])  # [B, T, E]
-        qkv = torch.einsum("bte,bkef->bktf", u, self.qkv_w[s]) + self.qkv_b[s].unsqueeze(2)
-        q, k, v = qkv.split(e, dim=-1)  # [B, K, T, E]
+        pool = self.pool
+        b, t = a.shape[:2]
+        ix = pool.index(rt.slots_np)
+
+        def g(name: str) -> torch.Tensor:
+            return pool.take(name, ix, b)
+
+        u = F.layer_norm(a, a.shape[-1:]) * g("ln_w").unsqueeze(1) + g("ln_b").unsqueeze(1)
+        u = torch.baddbmm(g("in_b").unsqueeze(1), u, g("in_w"))  # [B, T, E]
+        qkv = torch.einsum("bte,bkegf->bkgtf", u, g("qkv_w")) + g("qkv_b").unsqueeze(3)
+        q, k, v = qkv.unbind(2)  # [B, K, T, E]
         mask = rt.attention_mask
         attn_mask = None if mask is None else mask[:, None, None, :t].to(torch.bool)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
-        o = torch.einsum("bkte,bkef->btf", ctx, self.o_w[s]) + self.o_b[s].unsqueeze(1)
-        return torch.baddbmm(self.out_b[s].unsqueeze(1), o, self.out_w[s])
+        o = torch.einsum("bkte,bkef->btf", ctx, g("o_w")) + g("o_b").unsqueeze(1)
+        return torch.baddbmm(g("out_b").unsqueeze(1), o, g("out_w"))
 
 
 class FactoredPHMBank(_Bank):
     """Compacter/PHM adapters kept as factors and expanded per batch, for the slots in use only.
 
-    Holds the shared rule A [S, n, n, n] and the per-layer B_i of down and up; a forward expands
+    Holds the shared rule A [n, n, n] and the per-layer B_i of down and up; a forward expands
     `sum_i A_i ⊗ B_i` for the batch's distinct slots. Narrower adapters pad q = r/n up to the
-    bank's maximum inside each Kronecker block, which keeps the expansion exact.
+    widest loaded inside each Kronecker block, which keeps the expansion exact.
     """
 
     _meta = ("q", "act")
 
-    def __init__(self, *, hidden: int, n: int, max_dim: int, slots: int, router: Router, **fac):
+    def __init__(self, *, hidden: int, n: int, max_dim: int | None = None, slots: int, router: Router, **fac):
         super().__init__(slots=slots, router=router)
-        if hidden % n or max_dim % n:
+        if hidden % n or (max_dim is not None and max_dim % n):
             raise ValueError(f"phm dimension {n} must divide hidden {hidden} and max width {max_dim}")
-        self.n, self.p, self.qmax = n, hidden // n, max_dim // n
-        self.register_buffer("rule", torch.zeros(slots, n, n, n, **fac), persistent=False)
-        self.register_buffer("down_f", torch.zeros(slots, n, self.p, self.qmax, **fac), persistent=False)
-        self.register_buffer("up_f", torch.zeros(slots, n, self.qmax, self.p, **fac), persistent=False)
-        self.register_buffer("down_b", torch.zeros(slots, n, self.qmax, **fac), persistent=False)
-        self.register_buffer("up_b", torch.zeros(slots, hidden, **fac), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, **fac), persistent=False)
+        self.n, self.p = n, hidden // n
+        self.qmax = None if max_dim is None else max_dim // n
+        self.pool = self._pool(
+            ranked=False,
+            buffers={
+                "rule": ((n, n, n), 0.0),
+                "down_f": ((n, self.p, 0), 0.0),
+                "up_f": ((n, 0, self.p), 0.0),
+                "down_b": ((n, 0), 0.0),
+                "up_b": ((hidden,), 0.0),
+                "scale": ((), 0.0),
+            },
+            **fac,
+        )
         self.q = np.zeros(slots, dtype=np.int64)
         self.act = np.zeros(slots, dtype=np.int64)
 
     def layout(self, *, rule, down_f, up_f, down_b, up_b, activation: str, scale):
         """Factors (rule [n,n,n], down B_i [n, in/n, r/n], up B_i [n, r/n, out/n]) and biases."""
         n, _, q = down_f.shape
-        if n != self.n or q > self.qmax:
-            raise ValueError(f"factored PHM bank holds n={self.n}, width <= {self.qmax * self.n}")
+        if n != self.n or (self.qmax is not None and q > self.qmax):
+            raise ValueError(
+                f"factored PHM bank holds n={self.n}, width <= {self.qmax and self.qmax * self.n}"
+            )
         tensors = {
             "rule": rule,
             "down_f": down_f,
@@ -183,15 +227,21 @@ class FactoredPHMBank(_Bank):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Expand the batch's slots' weights, then run each row's bottleneck."""
         rt = self.router
-        u = torch.as_tensor(rt.unique, device=x.device)
-        q = int(self.q[rt.unique].max())
+        pool = self.pool
+        uniq = rt.unique
+        q = int(self.q[uniq].max())
         n, p = self.n, self.p
-        rule = self.rule[u]
-        down = torch.einsum("uiac,uibd->uabcd", rule, self.down_f[u, :, :, :q]).reshape(len(u), n * p, n * q)
-        up = torch.einsum("uiac,uibd->uabcd", rule, self.up_f[u, :, :q]).reshape(len(u), n * q, n * p)
-        inv = torch.as_tensor(np.searchsorted(rt.unique, rt.slots_np), device=x.device)
-        s = rt.slots
-        z = torch.baddbmm(self.down_b[s, :, :q].reshape(len(s), 1, -1), x, down[inv])
+        iu = pool.index(uniq)
+        nu = len(uniq)
+        rule = pool.take("rule", iu, nu)
+        down_f = pool.take("down_f", iu, nu)[..., :q]
+        up_f = pool.take("up_f", iu, nu)[:, :, :q]
+        down = torch.einsum("uiac,uibd->uabcd", rule, down_f).reshape(nu, n * p, n * q)
+        up = torch.einsum("uiac,uibd->uabcd", rule, up_f).reshape(nu, n * q, n * p)
+        inv = torch.as_tensor(np.searchsorted(uniq, rt.slots_np), device=x.device)
+        b = len(rt.slots_np)
+        ix = pool.index(rt.slots_np)
+        z = torch.baddbmm(pool.take("down_b", ix, b)[:, :, :q].reshape(b, 1, -1), x, down[inv])
         z = activate_rows(z, self.act, rt)
-        y = torch.baddbmm(self.up_b[s].unsqueeze(1), z, up[inv])
-        return y * self.scale[s].view(-1, 1, 1)
+        y = torch.baddbmm(pool.take("up_b", ix, b).unsqueeze(1), z, up[inv])
+        return y * pool.take("scale", ix, b).view(-1, 1, 1)

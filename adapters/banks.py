@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Collection
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.pools import Pool
 from adapters.router import Router
 
 __all__ = [
@@ -75,13 +75,13 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 class _Bank(nn.Module):
     """Common slot bookkeeping: generic load/evict/bind driven by each bank's `layout`.
 
-    `layout(**kwargs)` turns an adapter's tensors into this bank's per-slot layout (unpadded,
-    differentiable) plus host-side metadata. `load` copies that into a slot with zero padding;
-    `bind` makes slot 1 use the tensors themselves, so gradients flow (training).
+    A bank's device memory is one or more row pools (adapters/pools.py), sized to what is loaded:
+    no slot reserves room for the largest adapter. `layout(**kwargs)` turns an adapter's tensors
+    into this bank's rows (by buffer name; unpadded, differentiable) plus host-side metadata.
+    `load` copies them into the slot's rows; `bind` makes slot 1 read the tensors themselves, so
+    gradients flow (training).
     """
 
-    # buffer name -> value a free slot holds (default 0)
-    _fill: ClassVar[dict[str, float]] = {}
     # host-side per-slot metadata arrays, reset to 0 on evict
     _meta: ClassVar[tuple[str, ...]] = ()
 
@@ -90,6 +90,16 @@ class _Bank(nn.Module):
         self.num_slots = slots
         self.router = router
         self.occupied = np.zeros(slots, dtype=bool)
+        self._pools: list[Pool] = []
+        self._pool_of: dict[str, Pool] = {}
+
+    def _pool(
+        self, *, ranked: bool, buffers: dict[str, tuple[tuple[int, ...], float | torch.Tensor]], **factory
+    ) -> Pool:
+        pool = Pool(self, buffers=buffers, slots=self.num_slots, ranked=ranked, **factory)
+        self._pools.append(pool)
+        self._pool_of |= dict.fromkeys(buffers, pool)
+        return pool
 
     def active(self) -> bool:
         """Whether any row of the current batch uses this bank."""
@@ -117,62 +127,65 @@ class _Bank(nn.Module):
         """Per-slot tensors (by buffer name) and metadata for one adapter."""
         raise NotImplementedError
 
-    def _slot_buffers(self):
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.dim() > 0 and buf.shape[0] == self.num_slots:
-                yield name, buf
+    def _by_pool(self, tensors: dict[str, torch.Tensor]) -> dict[int, tuple[Pool, dict[str, torch.Tensor]]]:
+        out: dict[int, tuple[Pool, dict[str, torch.Tensor]]] = {}
+        for name, v in tensors.items():
+            pool = self._pool_of[name]
+            out.setdefault(id(pool), (pool, {}))[1][name] = v
+        return out
+
+    def fits(self, name: str, value: torch.Tensor) -> bool:
+        """Whether one slot's value of buffer `name` (from `layout`) can be written into its pool."""
+        return self._pool_of[name].fits(name, value)
+
+    def slot_bytes(self, slot: int) -> int:
+        """Device bytes the slot's rows take in this bank."""
+        return sum(p.slot_bytes(slot) for p in self._pools)
+
+    def layout_bytes(self, **kwargs) -> int:
+        """Device bytes an adapter would take in this bank (its rows, at the pools' row widths)."""
+        tensors, _ = self.layout(**kwargs)
+        total = 0
+        for pool, values in self._by_pool(tensors).values():
+            n = next(iter(values.values()))
+            total += (n.shape[0] if pool.ranked else 1) * pool.row_bytes()
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Device bytes of every pool of this bank (free and dead rows included)."""
+        return sum(p.allocated_bytes() for p in self._pools)
 
     @torch.no_grad()
     def load(self, slot: int, **kwargs) -> None:
-        """Copy one adapter into a slot (zero-padded to the bank's maxima)."""
+        """Copy one adapter into rows of this bank's pools, sized to the adapter."""
         self._check_slot(slot)
         tensors, meta = self.layout(**kwargs)
-        whole = set()
-        for name, v in tensors.items():
-            room = tuple(getattr(self, name).shape[1:])
-            if v.dim() != len(room) or any(a > b for a, b in zip(v.shape, room, strict=True)):
-                raise ValueError(f"{type(self).__name__}.{name}: {tuple(v.shape)} does not fit {room}")
-            if tuple(v.shape) == room:
-                whole.add(name)
-        if self.occupied[slot]:
-            # A slot reload is on the request path (a device-slot miss): reset only what the copy
-            # below does not overwrite whole, most buffers being overwritten entirely.
-            self._clear(slot, keep=whole)
-        for name, v in tensors.items():
-            getattr(self, name)[slot][tuple(slice(0, n) for n in v.shape)].copy_(v)
+        self._clear(slot)
+        for pool, values in self._by_pool(tensors).values():
+            pool.write(slot, values)
         for name, v in meta.items():
             getattr(self, name)[slot] = v
         self.occupied[slot] = True
 
     @torch.no_grad()
     def evict(self, slot: int) -> None:
-        """Return a slot to its empty state."""
-        self._clear(slot, keep=())
+        """Return a slot to its empty state (its rows become free)."""
+        self._clear(slot)
 
-    def _clear(self, slot: int, *, keep: Collection[str]) -> None:
-        """Empty a slot, leaving the buffers named in `keep` as they are (about to be overwritten)."""
-        for name, buf in self._slot_buffers():
-            if name not in keep:
-                self._reset(name, buf, slot)
+    def _clear(self, slot: int) -> None:
+        for pool in self._pools:
+            pool.free(slot)
         for name in self._meta:
             getattr(self, name)[slot] = 0
         self.occupied[slot] = False
-
-    def _reset(self, name: str, buf: torch.Tensor, slot: int) -> None:
-        buf[slot].fill_(self._fill.get(name, 0.0))
 
     def bind(self, **kwargs) -> None:
         """Make slot 1 of a two-slot bank compute with these (trainable) tensors directly."""
         if self.num_slots != 2:
             raise ValueError("bind needs a bank with exactly two slots (identity + the trained adapter)")
         tensors, meta = self.layout(**kwargs)
-        for name, v in tensors.items():
-            buf = getattr(self, name)
-            pad: list[int] = []
-            for d in reversed(range(v.dim())):
-                pad += [0, buf.shape[d + 1] - v.shape[d]]
-            v = F.pad(v, pad) if any(pad) else v
-            setattr(self, name, torch.stack([buf[0].detach(), v.to(buf.dtype)]))
+        for pool, values in self._by_pool(tensors).values():
+            pool.bind(1, values)
         for name, v in meta.items():
             getattr(self, name)[1] = v
         self.occupied[1] = True
@@ -181,39 +194,40 @@ class _Bank(nn.Module):
 class LoRABank(_Bank):
     """LoRA factors for one linear: `delta = (x Aᵀ) B`, B pre-multiplied by the scaling.
 
-    Both factors are stored rank-major (`A [S, r, in]`, `B [S, r, out]`): a slot's first r rows are
-    one contiguous block, so gathering the rows' slots is one `index_select` and a rank slice
-    is a view (a gather by fancy indexing plus slicing costs several times the matmuls).
+    Both factors are pooled rank-major (`A [rows, in]`, `B [rows, out]`): a slot of rank r owns r
+    contiguous rows, so one slot's factors are views and a mixed batch gathers every row's
+    factors with one `index_select` (padding positions read the zero row 0).
     """
 
     _meta = ("rank",)
 
     def __init__(
-        self, *, d_in: int, d_out: int, max_rank: int, slots: int, router: Router, **factory
+        self, *, d_in: int, d_out: int, max_rank: int | None = None, slots: int, router: Router, **factory
     ) -> None:
         super().__init__(slots=slots, router=router)
         self.max_rank = max_rank
-        self.register_buffer("A", torch.zeros(slots, max_rank, d_in, **factory), persistent=False)
-        self.register_buffer("B", torch.zeros(slots, max_rank, d_out, **factory), persistent=False)
+        self.pool = self._pool(ranked=True, buffers={"A": ((d_in,), 0.0), "B": ((d_out,), 0.0)}, **factory)
         self.rank = np.zeros(slots, dtype=np.int64)
 
     def layout(self, *, A: torch.Tensor, B: torch.Tensor, scaling: float):
         """PEFT-layout factors (A: [r, in], B: [out, r]) -> A [r, in], scaled B [r, out]."""
         r = A.shape[0]
-        if r > self.max_rank:
+        if self.max_rank is not None and r > self.max_rank:
             raise ValueError(f"LoRA rank {r} exceeds the bank's maximum {self.max_rank}")
         return {"A": A, "B": B.t() * scaling}, {"rank": r}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row LoRA update for input `x` of shape [B, T, in]."""
         rt = self.router
-        r = int(self.rank[rt.unique].max())
         single = rt.single
+        pool = self.pool
         if single is not None:
-            return F.linear(x, self.A[single, :r]) @ self.B[single, :r]
-        idx, s, _ = self._users()
-        a = self.A.index_select(0, s)[:, :r]
-        b = self.B.index_select(0, s)[:, :r]
+            return F.linear(x, pool.span("A", single)) @ pool.span("B", single)
+        idx, _, s_np = self._users()
+        r = int(self.rank[s_np].max())
+        ix = pool.index(s_np, r)
+        a = pool.take("A", ix, len(s_np), r)
+        b = pool.take("B", ix, len(s_np), r)
         if idx is None:
             return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
         sub = torch.bmm(torch.bmm(x.index_select(0, idx), a.transpose(1, 2)), b)
@@ -221,15 +235,14 @@ class LoRABank(_Bank):
 
 
 class IA3Bank(_Bank):
-    """IA3 rescaling vectors for one linear, on its input and on its output."""
+    """IA3 rescaling vectors for one linear, on its input and on its output (one pooled row each)."""
 
-    _fill: ClassVar[dict[str, float]] = {"scale_in": 1.0, "scale_out": 1.0}
     _meta = ("occ_in", "occ_out")
 
     def __init__(self, *, d_in: int, d_out: int, slots: int, router: Router, **factory) -> None:
         super().__init__(slots=slots, router=router)
-        self.register_buffer("scale_in", torch.ones(slots, d_in, **factory), persistent=False)
-        self.register_buffer("scale_out", torch.ones(slots, d_out, **factory), persistent=False)
+        self.pool_in = self._pool(ranked=False, buffers={"scale_in": ((d_in,), 1.0)}, **factory)
+        self.pool_out = self._pool(ranked=False, buffers={"scale_out": ((d_out,), 1.0)}, **factory)
         self.occ_in = np.zeros(slots, dtype=bool)
         self.occ_out = np.zeros(slots, dtype=bool)
 
@@ -244,31 +257,39 @@ class IA3Bank(_Bank):
         occ = self.occ_in if which == "in" else self.occ_out
         if not self.router.any_in(occ):
             return None
-        bank = self.scale_in if which == "in" else self.scale_out
+        pool, name = (self.pool_in, "scale_in") if which == "in" else (self.pool_out, "scale_out")
         single = self.router.single
-        return bank[single] if single is not None else bank[self.router.slots].unsqueeze(1)
+        if single is not None:
+            return pool.span(name, single)
+        slots_np = self.router.slots_np
+        return pool.take(name, pool.index(slots_np), len(slots_np)).unsqueeze(1)
 
 
 class BottleneckBank(_Bank):
     """Bottleneck adapters `s * up(f(down(x)))`, optionally followed by a per-task LayerNorm.
 
-    Weights are stored width-major (`down [S, r, in]`, `up [S, r, out]`), for the reason given
-    in LoRABank: per-row gathers are one contiguous `index_select` and width slices are views.
+    Weights are pooled width-major (`down [rows, in]`, `up [rows, out]`), for the reason given
+    in LoRABank; biases, the scale and the optional norm are one pooled row per slot.
     """
 
-    _fill: ClassVar[dict[str, float]] = {"ln_w": 1.0}
     _meta = ("rank", "act", "post_ln")
 
-    def __init__(self, *, d_in: int, d_out: int, max_dim: int, slots: int, router: Router, **factory) -> None:
+    def __init__(
+        self, *, d_in: int, d_out: int, max_dim: int | None = None, slots: int, router: Router, **factory
+    ) -> None:
         super().__init__(slots=slots, router=router)
         self.max_dim = max_dim
-        self.register_buffer("down", torch.zeros(slots, max_dim, d_in, **factory), persistent=False)
-        self.register_buffer("down_b", torch.zeros(slots, max_dim, **factory), persistent=False)
-        self.register_buffer("up", torch.zeros(slots, max_dim, d_out, **factory), persistent=False)
-        self.register_buffer("up_b", torch.zeros(slots, d_out, **factory), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, **factory), persistent=False)
-        self.register_buffer("ln_w", torch.ones(slots, d_out, **factory), persistent=False)
-        self.register_buffer("ln_b", torch.zeros(slots, d_out, **factory), persistent=False)
+        self.pool = self._pool(
+            ranked=True,
+            buffers={"down": ((d_in,), 0.0), "down_b": ((), 0.0), "up": ((d_out,), 0.0)},
+            **factory,
+        )
+        self.pool_one = self._pool(
+            ranked=False, buffers={"up_b": ((d_out,), 0.0), "scale": ((), 0.0)}, **factory
+        )
+        self.pool_ln = self._pool(
+            ranked=False, buffers={"ln_w": ((d_out,), 1.0), "ln_b": ((d_out,), 0.0)}, **factory
+        )
         self.rank = np.zeros(slots, dtype=np.int64)
         self.act = np.zeros(slots, dtype=np.int64)
         self.post_ln = np.zeros(slots, dtype=bool)
@@ -286,9 +307,12 @@ class BottleneckBank(_Bank):
     ):
         """nn.Linear-layout weights (down: [r, in], up: [out, r]) -> bank layout (down as is, up transposed)."""
         r = down_w.shape[0]
-        if r > self.max_dim:
+        if self.max_dim is not None and r > self.max_dim:
             raise ValueError(f"bottleneck width {r} exceeds the bank's maximum {self.max_dim}")
-        scale = scale.reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+        if isinstance(scale, torch.Tensor):
+            scale = scale.reshape(())
+        else:
+            scale = torch.tensor(float(scale), dtype=down_w.dtype, device=down_w.device)
         tensors = {"down": down_w, "down_b": down_b, "up": up_w.t(), "up_b": up_b, "scale": scale}
         meta = {"rank": r, "act": ACTIVATION_CODES[activation], "post_ln": ln is not None}
         if ln is not None:
@@ -298,26 +322,32 @@ class BottleneckBank(_Bank):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row adapter output for input `x` of shape [B, T, in]."""
         rt = self.router
-        r = int(self.rank[rt.unique].max())
         single = rt.single
+        pool, one, lnp = self.pool, self.pool_one, self.pool_ln
         if single is not None:
-            z = F.linear(x.reshape(-1, x.shape[-1]), self.down[single, :r], self.down_b[single, :r])
+            z = F.linear(x.reshape(-1, x.shape[-1]), pool.span("down", single), pool.span("down_b", single))
             z = activate(z, int(self.act[single]))
-            y = torch.addmm(self.up_b[single], z, self.up[single, :r]).view(*x.shape[:-1], -1)
+            y = torch.addmm(one.span("up_b", single), z, pool.span("up", single)).view(*x.shape[:-1], -1)
             if self.post_ln[single]:
-                y = F.layer_norm(y, y.shape[-1:], self.ln_w[single], self.ln_b[single])
-            return y * self.scale[single]
-        idx, s, s_np = self._users()
+                y = F.layer_norm(y, y.shape[-1:], lnp.span("ln_w", single), lnp.span("ln_b", single))
+            return y * one.span("scale", single)
+        idx, _, s_np = self._users()
+        n = len(s_np)
+        r = int(self.rank[s_np].max())
         xs = x if idx is None else x.index_select(0, idx)
-        down = self.down.index_select(0, s)[:, :r]
-        z = torch.baddbmm(self.down_b.index_select(0, s)[:, :r].unsqueeze(1), xs, down.transpose(1, 2))
+        ix = pool.index(s_np, r)
+        i1 = one.index(s_np)
+        down = pool.take("down", ix, n, r)
+        z = torch.baddbmm(pool.take("down_b", ix, n, r).unsqueeze(1), xs, down.transpose(1, 2))
         z = activate_rows(z, self.act, rt, slots_np=s_np)
-        y = torch.baddbmm(self.up_b.index_select(0, s).unsqueeze(1), z, self.up.index_select(0, s)[:, :r])
+        y = torch.baddbmm(one.take("up_b", i1, n).unsqueeze(1), z, pool.take("up", ix, n, r))
         if self.post_ln[s_np].any():
-            normed = F.layer_norm(y, y.shape[-1:]) * self.ln_w[s].unsqueeze(1) + self.ln_b[s].unsqueeze(1)
+            il = lnp.index(s_np)
+            normed = F.layer_norm(y, y.shape[-1:]) * lnp.take("ln_w", il, n).unsqueeze(1)
+            normed = normed + lnp.take("ln_b", il, n).unsqueeze(1)
             flag = torch.as_tensor(self.post_ln[s_np], device=y.device).view(-1, 1, 1)
             y = torch.where(flag, normed, y)
-        y = y * self.scale[s].view(-1, 1, 1)
+        y = y * one.take("scale", i1, n).view(-1, 1, 1)
         if idx is None:
             return y
         return x.new_zeros(*x.shape[:-1], y.shape[-1]).index_copy_(0, idx, y)
@@ -438,11 +468,14 @@ class BankedNorm(_Bank):
         self.rms = not isinstance(base, nn.LayerNorm)
         self.eps = float(getattr(base, "eps", getattr(base, "variance_epsilon", 1e-6)))
         w = base.weight.detach()
-        self.register_buffer("w", w.unsqueeze(0).repeat(slots, 1), persistent=False)
+        fac = {"device": w.device, "dtype": w.dtype}
+        # an empty slot (row 0) holds the base norm's own parameters
+        buffers = {"w": (tuple(w.shape), w)}
         b = getattr(base, "bias", None)
-        self.register_buffer(
-            "b", None if b is None else b.detach().unsqueeze(0).repeat(slots, 1), persistent=False
-        )
+        self.has_bias = b is not None
+        if b is not None:
+            buffers["b"] = (tuple(b.shape), b.detach())
+        self.pool = self._pool(ranked=False, buffers=buffers, **fac)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -452,19 +485,15 @@ class BankedNorm(_Bank):
     def layout(self, *, weight: torch.Tensor, bias: torch.Tensor | None):
         """A task's norm parameters."""
         tensors = {"w": weight}
-        if self.b is not None and bias is not None:
+        if self.has_bias and bias is not None:
             tensors["b"] = bias
         return tensors, {}
-
-    def _reset(self, name: str, buf: torch.Tensor, slot: int) -> None:
-        # a free slot holds the base norm's own parameters
-        buf[slot].copy_(self.base.weight if name == "w" else self.base.bias)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:
             return F.layer_norm(x, x.shape[-1:], eps=self.eps)
         var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(var + self.eps)).to(self.w.dtype)
+        return (x * torch.rsqrt(var + self.eps)).to(self.base.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The norm; rows with an adapter placed after it get `LN(x + a(LN(x)))`."""
@@ -479,11 +508,12 @@ class BankedNorm(_Bank):
         if not self.active():
             return self.base(x)
         n = self._normalize(x)
-        s = self.router.slots
+        slots_np = self.router.slots_np
+        ix = self.pool.index(slots_np)
         extra = x.dim() - 2
-        y = n * _rows(self.w[s], extra)
-        if self.b is not None:
-            y = y + _rows(self.b[s], extra)
+        y = n * _rows(self.pool.take("w", ix, len(slots_np)), extra)
+        if self.has_bias:
+            y = y + _rows(self.pool.take("b", ix, len(slots_np)), extra)
         return y
 
 

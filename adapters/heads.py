@@ -29,20 +29,30 @@ class HeadOutput:
 
 
 class HeadBank(_Bank):
-    """Linear (or dense + tanh + linear) heads over CLS, mean or pooler outputs, one per slot."""
+    """Linear (or dense + tanh + linear) heads over CLS, mean or pooler outputs, one per slot.
+
+    The output layer is pooled one row per label (a 2-way head takes 2 rows, a 300-way one 300);
+    the optional dense layer is one `[H, H]` row, taken only by two-layer heads.
+    """
 
     _meta = ("num_outputs", "pooling", "layers", "kind")
 
     def __init__(
-        self, *, hidden: int, max_outputs: int, two_layer: bool, slots: int, router: Router, **factory
+        self,
+        *,
+        hidden: int,
+        max_outputs: int | None = None,
+        two_layer: bool,
+        slots: int,
+        router: Router,
+        **factory,
     ):
         super().__init__(slots=slots, router=router)
         self.max_outputs = max_outputs
-        self.register_buffer("out_w", torch.zeros(slots, hidden, max_outputs, **factory), persistent=False)
-        self.register_buffer("out_b", torch.zeros(slots, max_outputs, **factory), persistent=False)
-        shape = (slots, hidden, hidden) if two_layer else (0,)
-        self.register_buffer("dense_w", torch.zeros(*shape, **factory), persistent=False)
-        self.register_buffer("dense_b", torch.zeros(slots, hidden, **factory), persistent=False)
+        self.out = self._pool(ranked=True, buffers={"out_w": ((hidden,), 0.0), "out_b": ((), 0.0)}, **factory)
+        self.dense = self._pool(
+            ranked=False, buffers={"dense_w": ((hidden, hidden), 0.0), "dense_b": ((hidden,), 0.0)}, **factory
+        )
         self.two_layer_ok = two_layer
         self.num_outputs = np.zeros(slots, dtype=np.int64)
         self.pooling = np.zeros(slots, dtype=np.int64)
@@ -58,13 +68,13 @@ class HeadBank(_Bank):
         out_b: torch.Tensor,
         dense: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        """A head in nn.Linear layout (out_w [C, H]) -> transposed bank layout."""
+        """A head in nn.Linear layout (out_w [C, H]): one row per output, the dense layer transposed."""
         c = out_w.shape[0]
-        if c > self.max_outputs:
+        if self.max_outputs is not None and c > self.max_outputs:
             raise ValueError(f"head with {c} outputs exceeds the bank's maximum {self.max_outputs}")
         if dense is not None and not self.two_layer_ok:
             raise ValueError("two-layer heads are disabled in this bank configuration")
-        tensors = {"out_w": out_w.t(), "out_b": out_b}
+        tensors = {"out_w": out_w, "out_b": out_b}
         if dense is not None:
             tensors |= {"dense_w": dense[0].t(), "dense_b": dense[1]}
         meta = {
@@ -78,7 +88,11 @@ class HeadBank(_Bank):
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, pooler: torch.nn.Module | None
     ) -> HeadOutput:
-        """Pool each row as its head wants, then apply that head; rows are grouped by slot."""
+        """Pool each row as its head wants, then apply that head; rows are grouped by slot.
+
+        Logits are `max_outputs` wide (or, without that limit, as wide as the widest head loaded);
+        each row's own width is `num_outputs`.
+        """
         rt = self.router
         slots_np = rt.slots_np
         codes = self.pooling[slots_np]
@@ -94,18 +108,27 @@ class HeadBank(_Bank):
             pooled = torch.where(
                 torch.as_tensor(codes == 2, device=hidden.device)[:, None], pooler(hidden), pooled
             )
-        logits = hidden.new_zeros(hidden.shape[0], self.max_outputs)
+        width = self.max_outputs or max(int(self.num_outputs.max()), 1)
+        logits = hidden.new_zeros(hidden.shape[0], width)
         for slot in rt.unique:
+            c = int(self.num_outputs[slot])
+            if c == 0:
+                continue
             rows = np.nonzero(slots_np == slot)[0]
             idx = torch.as_tensor(rows, device=hidden.device)
-            x = pooled.index_select(0, idx) if len(rows) != len(slots_np) else pooled
+            whole = len(rows) == len(slots_np)
+            x = pooled if whole else pooled.index_select(0, idx)
             if self.layers[slot] == 2:
-                x = torch.tanh(torch.addmm(self.dense_b[slot], x, self.dense_w[slot]))
-            y = torch.addmm(self.out_b[slot], x, self.out_w[slot])
-            if len(rows) == len(slots_np):
+                x = torch.tanh(
+                    torch.addmm(self.dense.span("dense_b", slot), x, self.dense.span("dense_w", slot))
+                )
+            y = torch.addmm(self.out.span("out_b", slot), x, self.out.span("out_w", slot).t())
+            if whole and c == width:
                 logits = y
+            elif whole:
+                logits[:, :c] = y
             else:
-                logits.index_copy_(0, idx, y)
+                logits[:, :c].index_copy_(0, idx, y)
         return HeadOutput(
             logits=logits, num_outputs=self.num_outputs[slots_np], kinds=self.kind[slots_np], hidden=hidden
         )

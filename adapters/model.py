@@ -30,38 +30,51 @@ _PROJECTIONS = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_gate", "ffn_out", *(f"
 
 @dataclass(frozen=True)
 class BankConfig:
-    """How much device memory the banks take: slot count and the largest adapter of each kind."""
+    """Which banks the backbone gets, how many slot ids they route, and optional per-adapter limits.
+
+    Banks hold no room for adapters that are not loaded: each slot's rows are sized to its own
+    adapter (adapters/pools.py), so device memory is what is resident, and the byte budget of the
+    device tier (service/cache.py) bounds it. A limit of None accepts any size; 0 disables a bank.
+    """
 
     slots: int = 16
-    """Slots per bank, slot 0 (the identity) included; at most slots-1 adapters are resident."""
-    lora_max_rank: int = 16
-    """Largest LoRA rank a slot holds (0 disables LoRA banks)."""
+    """Slot ids per bank, slot 0 (the identity) included; at most slots-1 adapters are resident.
+
+    A slot id costs a few host-side integers per bank, no device memory."""
+    lora_max_rank: int | None = None
+    """Largest LoRA rank accepted (None: any; 0 disables LoRA banks)."""
     lora_targets: tuple[str, ...] = _PROJECTIONS
     """Projections that get LoRA banks."""
     ia3: bool = True
     """Whether projections get IA3 banks."""
-    bottleneck_max_dim: int = 64
-    """Largest bottleneck width of sequential and parallel adapters (0 disables them)."""
+    bottleneck_max_dim: int | None = None
+    """Largest bottleneck width of sequential and parallel adapters (None: any; 0 disables them)."""
     bottleneck_post_norm: bool = True
     """Whether post-LN backbones get banks for sequential adapters placed after the norm (AdapterHub)."""
-    prefix_max_len: int = 32
-    """Longest prefix a slot holds (0 disables prefix banks)."""
+    prefix_max_len: int | None = None
+    """Longest prefix accepted (None: any; 0 disables prefix banks)."""
     layernorm: bool = True
     """Whether norms get per-task override banks."""
-    mh_parallel_max_dim: int = 16
-    """Largest per-head bottleneck of multi-head parallel adapters (0 disables them)."""
-    tiny_max_dim: int = 8
-    """Largest width E of tiny-attention adapters (0 disables them)."""
-    tiny_max_heads: int = 4
-    """Most heads of a tiny-attention adapter served in multi-head form."""
+    mh_parallel_max_dim: int | None = None
+    """Largest per-head bottleneck of multi-head parallel adapters (None: any; 0 disables them)."""
+    tiny_max_dim: int | None = None
+    """Largest width E of tiny-attention adapters (None: any; 0 disables them)."""
+    tiny_max_heads: int | None = None
+    """Most heads of a tiny-attention adapter served in multi-head form (None: any)."""
     compacter_factored: bool = False
     """Keep Compacter/PHM factors resident and expand them per batch (less memory, more compute)."""
     phm_dim: int = 4
     """The Kronecker dimension n the factored Compacter banks hold."""
-    head_max_outputs: int = 32
-    """Most labels a task head may have."""
+    head_max_outputs: int | None = 32
+    """Most labels a task head may have, and the width of the logits a forward returns (None: any;
+    logits are then as wide as the widest head loaded). Memory is per head, one row per label."""
     head_two_layer: bool = True
     """Whether two-layer (dense + tanh + linear) heads are supported."""
+
+
+def _on(limit: int | None) -> bool:
+    """Whether a bank with this limit exists (0 disables it; None is no limit)."""
+    return limit is None or limit > 0
 
 
 class MultiTaskModel(nn.Module):
@@ -94,7 +107,9 @@ class MultiTaskModel(nn.Module):
         core = self.backbone.core
         fac, rt, s = self._factory(), self.router, cfg.slots
         h = spec.hidden_size
-        post_norm = bool(cfg.bottleneck_max_dim and cfg.bottleneck_post_norm and post_norm_backbone(spec))
+        post_norm = bool(
+            _on(cfg.bottleneck_max_dim) and cfg.bottleneck_post_norm and post_norm_backbone(spec)
+        )
         install_attention_hook(self.backbone.model)
         for stack, path in arch.stacks.items():
             for i, layer in enumerate(core.get_submodule(path)):
@@ -104,14 +119,14 @@ class MultiTaskModel(nn.Module):
                     if arch.outputs[site] not in paths:
                         continue
                     sb = SublayerBanks(router=rt)
-                    if cfg.bottleneck_max_dim:
+                    if _on(cfg.bottleneck_max_dim):
                         for kind in ("seq", "par"):
                             bank = BottleneckBank(
                                 d_in=h, d_out=h, max_dim=cfg.bottleneck_max_dim, slots=s, router=rt, **fac
                             )
                             setattr(sb, kind, bank)
                             self._register(f"{stack}.{i}.{site}", kind, bank)
-                    if site == "attn" and cfg.mh_parallel_max_dim:
+                    if site == "attn" and _on(cfg.mh_parallel_max_dim):
                         sb.mhpa = MHParallelBank(
                             hidden=h,
                             heads=spec.num_heads,
@@ -122,7 +137,7 @@ class MultiTaskModel(nn.Module):
                             **fac,
                         )
                         self._register(f"{stack}.{i}.{site}", "mhpa", sb.mhpa)
-                    if site == "attn" and stack == "encoder" and cfg.tiny_max_dim:
+                    if site == "attn" and stack == "encoder" and _on(cfg.tiny_max_dim):
                         sb.tiny = TinyAttentionBank(
                             hidden=h,
                             max_dim=cfg.tiny_max_dim,
@@ -132,7 +147,7 @@ class MultiTaskModel(nn.Module):
                             **fac,
                         )
                         self._register(f"{stack}.{i}.{site}", "tiny", sb.tiny)
-                    if cfg.compacter_factored and cfg.bottleneck_max_dim:
+                    if cfg.compacter_factored and _on(cfg.bottleneck_max_dim):
                         sb.phm = FactoredPHMBank(
                             hidden=h, n=cfg.phm_dim, max_dim=cfg.bottleneck_max_dim, slots=s, router=rt, **fac
                         )
@@ -144,7 +159,7 @@ class MultiTaskModel(nn.Module):
                     key = f"{stack}.{i}.{proj}"
                     d_in, d_out = (h, 3 * spec.inner_dim) if proj == "qkv" else spec.site_dims(proj)
                     lora = ia3 = None
-                    if cfg.lora_max_rank and proj in cfg.lora_targets:
+                    if _on(cfg.lora_max_rank) and proj in cfg.lora_targets:
                         lora = LoRABank(
                             d_in=d_in, d_out=d_out, max_rank=cfg.lora_max_rank, slots=s, router=rt, **fac
                         )
@@ -182,7 +197,7 @@ class MultiTaskModel(nn.Module):
                         _replace(layer, paths[norm], bank)
                         if cfg.layernorm:
                             self._register(f"{stack}.{i}.{norm}", "ln", bank)
-                if cfg.prefix_max_len and stack in arch.attention:
+                if _on(cfg.prefix_max_len) and stack in arch.attention:
                     attn = layer.get_submodule(arch.attention[stack])
                     bank = PrefixBank(
                         max_len=cfg.prefix_max_len,
@@ -240,6 +255,18 @@ class MultiTaskModel(nn.Module):
         z = torch.stack([t["task_embedding"] for t in tensors_list]).to(self.backbone.device)
         with torch.no_grad():
             return hypernetwork.entries(z, dtype=self.backbone.dtype)
+
+    def footprint(self, entries: list) -> int:
+        """Device bytes these bank entries take once loaded (the rows sized to them, in every bank)."""
+        return sum(self.banks[(e.key, e.kind)].layout_bytes(**e.kwargs) for e in self._checked(entries))
+
+    def slot_bytes(self, slot: int) -> int:
+        """Device bytes a loaded slot takes across every bank."""
+        return sum(bank.slot_bytes(slot) for bank in self._slot_banks.get(slot, []))
+
+    def allocated_bytes(self) -> int:
+        """Device bytes of every bank's pools: resident rows plus free and dead ones."""
+        return sum(bank.allocated_bytes() for bank in self._bank_modules.values())
 
     def load(self, slot: int, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> None:
         """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""

@@ -6,8 +6,12 @@ longer fresh (a generated task whose hypernetwork has a new live version) is nev
 load that is stale when it lands is done again, so a swap during a load cannot leave the old
 generator cached behind it.
 
-The device tier is changed only on the device's worker thread: an LRU of slots under a slot count
-and a byte budget, with pinning; a lock guards it for readers on other threads.
+The device tier is changed only on the device's worker thread: slots under a slot count and a byte
+budget, with pinning; a lock guards it for readers on other threads. Its eviction is size-aware
+(GreedyDual-Size): each resident adapter has a priority `clock + reload_seconds / bytes`, refreshed
+on every use; the lowest goes first and the clock rises to it. Recently used adapters, and those
+that cost most to load again per byte they free (small ones: a load has a fixed part), stay;
+among adapters of one size it is exactly LRU.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ Key = tuple[str, int, int]
 # Loads done again when the result is stale on arrival; past that (swaps faster than loads) the
 # waiters get the last result, which is still never cached.
 _STALE_RELOADS = 3
+# Reload cost of a device slot before its own load was timed: a fixed part (one copy per bank)
+# plus the bytes at host-to-device copy speed.
+_LOAD_OVERHEAD_S = 2e-4
+_COPY_BYTES_PER_S = 2e9
 
 
 @dataclass(eq=False)
@@ -53,6 +61,13 @@ class Adapter:
     hypernetwork: object | None = field(default=None, repr=False)
     """The generator of a `hyperformer` task: its slot is generated from it, not copied."""
     refs: int = field(default=0, repr=False)
+    host_nbytes: int | None = None
+    """Bytes of the decoded tensors in host memory (None: `nbytes`, what its device slot takes)."""
+
+    @property
+    def host_bytes(self) -> int:
+        """What this adapter costs the host tier."""
+        return self.nbytes if self.host_nbytes is None else self.host_nbytes
 
     @property
     def key(self) -> Key:
@@ -88,7 +103,13 @@ class HostCache:
         self._entries: OrderedDict[Key, Adapter] = OrderedDict()
         self._loading: dict[Key, asyncio.Future[Adapter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pinned: set[Key] = set()
         self.bytes = 0
+        self.m.tier_budget_bytes.labels(tier="host").set(budget_bytes)
+
+    def set_pinned(self, keys: Iterable[Key]) -> None:
+        """Make exactly these keys the ones never evicted (pinned tasks' current versions)."""
+        self._pinned = set(keys)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._entries
@@ -106,7 +127,7 @@ class HostCache:
         key = adapter.key
         if key not in self._entries and self.fresh(adapter):
             self._entries[key] = adapter
-            self.bytes += adapter.nbytes
+            self.bytes += adapter.host_bytes
         if key in self._entries:
             self._entries.move_to_end(key)
         adapter.refs += 1
@@ -130,8 +151,10 @@ class HostCache:
             self.drop([key])
             entry = None
         if entry is not None:
+            self.m.tier_hits.labels(tier="host").inc()
             out.set_result(self.hold(entry))
             return out
+        self.m.tier_misses.labels(tier="host").inc()
         shared = self._loading.get(key)
         if shared is None:
             shared = loop.create_future()
@@ -169,6 +192,7 @@ class HostCache:
                 raise
         else:
             self.m.adapter_loads.labels(source="store", result="ok").inc()
+            self.m.tier_loads.labels(tier="host").inc()
             self.m.adapter_load_duration.labels(source="store").observe(time.perf_counter() - started)
             shared.set_result(adapter)
         finally:
@@ -183,20 +207,27 @@ class HostCache:
         for key in list(keys):
             entry = self._entries.pop(key, None)
             if entry is not None:
-                self.bytes -= entry.nbytes
-        self.m.host_cache_bytes.set(self.bytes)
+                self.bytes -= entry.host_bytes
+        self._publish()
 
     def keys_of(self, task: str, uid: int) -> list[Key]:
         """Cached keys of a task."""
         return [k for k in self._entries if k[:2] == (task, uid)]
 
     def _shrink(self) -> None:
+        """Evict least recently used entries until the budget holds; never a held or pinned one."""
         if self.bytes > self.budget:
-            for key in [k for k, a in self._entries.items() if a.refs == 0]:
+            for key in [k for k, a in self._entries.items() if a.refs == 0 and k not in self._pinned]:
                 if self.bytes <= self.budget:
                     break
-                self.bytes -= self._entries.pop(key).nbytes
+                self.bytes -= self._entries.pop(key).host_bytes
+                self.m.tier_evictions.labels(tier="host").inc()
+        self._publish()
+
+    def _publish(self) -> None:
         self.m.host_cache_bytes.set(self.bytes)
+        self.m.tier_bytes.labels(tier="host").set(self.bytes)
+        self.m.tier_adapters.labels(tier="host").set(len(self._entries))
 
 
 class DeviceSlots:
@@ -215,6 +246,10 @@ class DeviceSlots:
         self._free = list(range(self.capacity, 0, -1))
         self._pinned: set[Key] = set()
         self.bytes = 0
+        # GreedyDual-Size: per key, its priority; the clock is the last victim's priority
+        self._priority: dict[Key, float] = {}
+        self._clock = 0.0
+        self.m.tier_budget_bytes.labels(tier="device").set(budget_bytes)
 
     # -- readers (any thread) -----------------------------------------------------------------
 
@@ -267,9 +302,12 @@ class DeviceSlots:
                 slot = None
             if slot is not None:
                 self.m.cache_hits.inc()
+                self.m.tier_hits.labels(tier="device").inc()
+                self._touch(a.key, a.nbytes)
                 out[a.key] = slot
                 continue
             self.m.cache_misses.inc()
+            self.m.tier_misses.labels(tier="device").inc()
             misses.append(a)
         # Generated misses of one hypernetwork are generated together: one batched forward.
         groups: dict[int, list[Adapter]] = {}
@@ -287,14 +325,26 @@ class DeviceSlots:
             )
         while not self._free or self.bytes + reserved + adapter.nbytes > self.budget:
             with self._lock:
-                victim = next((k for k in self._slots if k not in needed and k not in self._pinned), None)
-            if victim is None:
+                candidates = [k for k in self._slots if k not in needed and k not in self._pinned]
+            if not candidates:
                 raise SlotsExhausted(
                     "every device slot holds a pinned adapter or one the running batch needs; "
-                    "raise ADAPTERSERVE_SLOTS or ADAPTERSERVE_CACHE_BYTES, or unpin a task"
+                    "raise ADAPTERSERVE_CACHE_BYTES (or ADAPTERSERVE_SLOTS), or unpin a task"
                 )
+            # min() keeps the first of equal priorities: least recently used among them
+            victim = min(candidates, key=lambda k: self._priority.get(k, 0.0))
+            self._clock = max(self._clock, self._priority.get(victim, 0.0))
             self.evict(victim)
         return self._free.pop()
+
+    def _touch(self, key: Key, nbytes: int) -> None:
+        """Refresh a resident key's priority: the clock plus its reload cost per byte it holds.
+
+        The cost is modelled (a fixed part plus the bytes at copy speed), not timed: a timed cost
+        would make equal adapters' order depend on noise, where it must be exactly LRU.
+        """
+        cost = _LOAD_OVERHEAD_S + nbytes / _COPY_BYTES_PER_S
+        self._priority[key] = self._clock + cost / max(nbytes, 1)
 
     def _load(self, group: list[Adapter], needed: set[Key]) -> dict[Key, int]:
         """Load adapters into free slots: copied, or generated (several at once from one hypernetwork)."""
@@ -328,6 +378,9 @@ class DeviceSlots:
                 self._bytes[a.key] = a.nbytes
                 self._nets[a.key] = a.hypernetwork
                 self.bytes += a.nbytes
+        for a in group:
+            self._touch(a.key, a.nbytes)
+        self.m.tier_loads.labels(tier="device").inc(len(group))
         self._publish()
         return {a.key: slot for slot, a in zip(slots, group, strict=True)}
 
@@ -339,9 +392,11 @@ class DeviceSlots:
                 return False
             self.bytes -= self._bytes.pop(key)
             self._nets.pop(key, None)
+            self._priority.pop(key, None)
         self.model.evict(slot)
         self._free.append(slot)
         self.m.evictions.inc()
+        self.m.tier_evictions.labels(tier="device").inc()
         self._publish()
         return True
 
@@ -368,3 +423,8 @@ class DeviceSlots:
     def _publish(self) -> None:
         self.m.resident.set(len(self._slots))
         self.m.cache_bytes.set(self.bytes)
+        self.m.tier_adapters.labels(tier="device").set(len(self._slots))
+        self.m.tier_bytes.labels(tier="device").set(self.bytes)
+        allocated = getattr(self.model, "allocated_bytes", None)
+        if allocated is not None:
+            self.m.pool_bytes.set(allocated())

@@ -25,9 +25,20 @@ class Decoder:
     """Validates and decodes artifacts for one model (its spec, banks, device and dtype)."""
 
     def __init__(
-        self, *, model, limits: SafetensorsLimits, pin_memory: bool = False, hypernetworks=None
+        self,
+        *,
+        model,
+        limits: SafetensorsLimits,
+        pin_memory: bool = False,
+        hypernetworks=None,
+        device_bytes: int | None = None,
+        host_bytes: int | None = None,
     ) -> None:
         self.model = model
+        self.device_bytes = device_bytes
+        """The device tier's byte budget: an adapter whose slot would not fit even alone is refused (413)."""
+        self.host_bytes = host_bytes
+        """The host tier's byte budget: an adapter whose decoded tensors would not fit alone is refused (413)."""
         self.hypernetworks = hypernetworks
         self.spec = model.spec
         self.limits = limits
@@ -59,10 +70,20 @@ class Decoder:
             t = torch.from_numpy(arr).to(dtype)
             tensors[name] = t.pin_memory() if self.pin_memory else t
         entries = self._dry_run(config, tensors, hypernetwork=net)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if net is not None:
-            # What the slot will hold once generated, so the device budget counts it.
-            nbytes = sum(_entry_bytes(e) for e in entries)
+        host = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.host_bytes is not None and host > self.host_bytes:
+            raise PayloadTooLarge(
+                f"the decoded adapter takes {host} bytes of host memory; the host cache holds "
+                f"{self.host_bytes} (ADAPTERSERVE_HOST_CACHE_BYTES)"
+            )
+        # What its slot takes on the device (the bank rows sized to it; a generated task's
+        # generated weights), which is what the device budget counts.
+        nbytes = self.model.footprint(entries)
+        if self.device_bytes is not None and nbytes > self.device_bytes:
+            raise PayloadTooLarge(
+                f"the adapter takes {nbytes} bytes in device slots; the device cache holds "
+                f"{self.device_bytes} (ADAPTERSERVE_CACHE_BYTES)"
+            )
         return Adapter(
             task=task,
             uid=uid,
@@ -70,6 +91,7 @@ class Decoder:
             config=config,
             tensors=tensors,
             nbytes=nbytes,
+            host_nbytes=host,
             num_parameters=sum(t.numel() for t in tensors.values()),
             sha256=sha256,
             hypernetwork=net,
@@ -104,10 +126,11 @@ class Decoder:
             )
         if head is not None and not self.has_head:
             raise InvalidArtifact("adapter_config.json: head: this backbone has no encoder to put a head on")
-        if head is not None and head.num_outputs > self.model.config.head_max_outputs:
+        limit = self.model.config.head_max_outputs
+        if head is not None and limit is not None and head.num_outputs > limit:
             raise InvalidArtifact(
                 f"the head has {head.num_outputs} outputs; this server allows at most "
-                f"{self.model.config.head_max_outputs} (ADAPTERSERVE_HEAD_MAX_OUTPUTS)"
+                f"{limit} (ADAPTERSERVE_HEAD_MAX_OUTPUTS)"
             )
 
     def _dry_run(self, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> list:
@@ -133,11 +156,10 @@ class Decoder:
             except ValueError as exc:
                 raise PayloadTooLarge(f"the adapter exceeds this server's slot size: {exc}") from None
             for name, value in parts.items():
-                room = getattr(bank, name).shape[1:]
-                if value.dim() != len(room) or any(a > b for a, b in zip(value.shape, room, strict=True)):
+                if not bank.fits(name, value):
                     raise InvalidArtifact(
                         f"the adapter does not fit this server's {entry.kind} bank at {entry.key}: "
-                        f"{tuple(value.shape)} vs {tuple(room)}"
+                        f"{tuple(value.shape)} vs rows of {tuple(getattr(bank, name).shape[1:])}"
                     )
         return entries
 
@@ -154,13 +176,3 @@ _KINDS = {
 def task_kind(head) -> str:
     """What a task with this head answers: classify, regress, embed, or generate (no head)."""
     return _KINDS[None if head is None else head.type]
-
-
-def _entry_bytes(entry) -> int:
-    """Bytes of the tensors one bank write carries."""
-    total = 0
-    for v in entry.kwargs.values():
-        for t in v if isinstance(v, tuple) else (v,):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total

@@ -91,6 +91,31 @@ class Metrics:
         self.host_cache_bytes = Gauge(
             _P + "adapter_host_cache_bytes", "Bytes of decoded adapters in host memory.", registry=r
         )
+        # Per tier (device: adapters in bank rows; host: decoded adapters in memory), one family each.
+        self.tier_hits = Counter(
+            _P + "tier_hits", "Lookups that found the adapter, by tier.", ["tier"], registry=r
+        )
+        self.tier_misses = Counter(
+            _P + "tier_misses", "Lookups that had to load the adapter, by tier.", ["tier"], registry=r
+        )
+        self.tier_loads = Counter(
+            _P + "tier_loads", "Adapters loaded into a tier, by tier.", ["tier"], registry=r
+        )
+        self.tier_evictions = Counter(
+            _P + "tier_evictions", "Adapters evicted from a tier to make room, by tier.", ["tier"], registry=r
+        )
+        self.tier_bytes = Gauge(
+            _P + "tier_bytes", "Bytes of adapters resident, by tier.", ["tier"], registry=r
+        )
+        self.tier_budget_bytes = Gauge(
+            _P + "tier_budget_bytes", "Byte budget, by tier.", ["tier"], registry=r
+        )
+        self.tier_adapters = Gauge(_P + "tier_adapters", "Adapters resident, by tier.", ["tier"], registry=r)
+        self.pool_bytes = Gauge(
+            _P + "device_pool_bytes",
+            "Bytes the device banks have allocated (resident rows plus free and not yet compacted ones).",
+            registry=r,
+        )
         self.tokens = Counter(_P + "tokens", "Input tokens processed, by task.", ["task"], registry=r)
         self.generated_tokens = Counter(
             _P + "generated_tokens", "Tokens generated, by task.", ["task"], registry=r

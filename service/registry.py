@@ -378,9 +378,12 @@ class Registry:
         return task in self._pinned
 
     def _sync_pins(self) -> None:
-        self.device.set_pinned(
+        keys = [
             s.key(s.current) for n, s in self._tasks.items() if n in self._pinned and s.current is not None
-        )
+        ]
+        self.device.set_pinned(keys)
+        # Pinned versions stay decoded too: the host tier never evicts them to make room.
+        self.host.set_pinned(keys)
 
     # -- cleanup --------------------------------------------------------------------------------
 

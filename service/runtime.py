@@ -112,6 +112,8 @@ class Service:
             limits=self.limits,
             pin_memory=self.backbone.device.type == "cuda",
             hypernetworks=self.hypernetworks,
+            device_bytes=s.cache_bytes,
+            host_bytes=s.host_cache_bytes,
         )
         self.registry = Registry(
             store=self.store,
@@ -175,7 +177,7 @@ class Service:
             log.info("adapterserve: ready")
 
     async def _preload(self) -> None:
-        """Pinned tasks first, then other tasks' current versions while device slots are free."""
+        """Pinned tasks first, then other tasks' current versions while the device budget has room."""
         names = self.registry.names()
         order = [n for n in names if self.registry.is_pinned(n)] + [
             n for n in names if not self.registry.is_pinned(n)
@@ -187,6 +189,8 @@ class Service:
                 continue
             try:
                 adapter = await self.registry.ready(lease)
+                if self.device_slots.bytes + adapter.nbytes > self.device_slots.budget:
+                    break  # preloading more would only evict what was just preloaded
                 await self.engine.call(self.device_slots.assign, [adapter])
             except AdapterServeError as exc:
                 log.warning("could not preload task %s: %s", name, exc.message)

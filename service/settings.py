@@ -196,23 +196,47 @@ class Settings(BaseSettings):
 
     # -- adapter cache ---------------------------------------------------------------------------
     slots: int = Field(
-        default=16, ge=2, le=1024, description="Device slots per bank, slot 0 (no adapter) included."
+        default=4096,
+        ge=2,
+        le=65536,
+        description=(
+            "Most adapters resident on the device at once, plus one (slot 0 is the plain backbone). A slot "
+            "costs a few host-side integers per bank, not device memory: `cache_bytes` bounds that."
+        ),
     )
     cache_bytes: int = Field(
-        default=1 << 30, ge=1, description="Byte budget of adapters resident in device slots."
+        default=1 << 30,
+        ge=1,
+        description=(
+            "Byte budget of adapters resident on the device; each takes bank rows sized to it (a LoRA of "
+            "rank 8 takes 8 rows per projection), least valuable evicted first. An adapter larger than "
+            "this alone is refused at upload (413)."
+        ),
     )
     host_cache_bytes: int = Field(
-        default=2 << 30, ge=1, description="Byte budget of decoded adapters kept in host memory."
+        default=2 << 30,
+        ge=1,
+        description=(
+            "Byte budget of decoded adapters kept in host memory (least recently used evicted first, "
+            "never one a request holds). An adapter larger than this alone is refused at upload (413)."
+        ),
     )
     pinned: Keys = Field(
         default_factory=list,
         description="Comma-separated tasks whose current version never leaves the device.",
     )
-    lora_max_rank: int = Field(default=16, ge=0, le=1024, description="Largest LoRA rank a slot holds.")
-    bottleneck_max_dim: int = Field(
-        default=64, ge=0, le=4096, description="Largest bottleneck width of sequential/parallel adapters."
+    lora_max_rank: int | None = Field(
+        default=None, ge=0, le=4096, description="Largest LoRA rank accepted; empty: any (0 disables LoRA)."
     )
-    prefix_max_len: int = Field(default=32, ge=0, le=512, description="Longest prefix a slot holds.")
+    bottleneck_max_dim: int | None = Field(
+        default=None,
+        ge=0,
+        le=8192,
+        description="Largest bottleneck width of sequential/parallel adapters; empty: any (0 disables them).",
+    )
+    prefix_max_len: int | None = Field(
+        default=None, ge=0, le=4096, description="Longest prefix accepted; empty: any (0 disables prefixes)."
+    )
     head_max_outputs: int = Field(default=32, ge=1, le=1024, description="Most labels a task head may have.")
 
     # -- operations ------------------------------------------------------------------------------

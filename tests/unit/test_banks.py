@@ -14,17 +14,18 @@ from adapters.router import Router
 D = 6
 
 
-def test_bind_pads_a_trainable_adapter_into_slot_one_and_keeps_its_gradient() -> None:
+def test_bind_routes_slot_one_to_a_trainable_adapter_and_keeps_its_gradient() -> None:
     router = Router()
     bank = LoRABank(d_in=4, d_out=3, max_rank=4, slots=2, router=router)
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 4, generator=g, requires_grad=True)
     B = torch.randn(3, 2, generator=g, requires_grad=True)
     bank.bind(A=A, B=B, scaling=0.5)
-    assert bank.A.shape == (2, 4, 4) and bank.B.shape == (2, 4, 3)
-    torch.testing.assert_close(bank.A[1, :2], A.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(bank.B[1, :2], B.detach().t() * 0.5, rtol=0, atol=0)
-    assert not bank.A[1, 2:].any() and not bank.B[1, 2:].any() and not bank.A[0].any()
+    # the zero row 0, then the adapter's own two rows: nothing is padded to the rank limit
+    assert bank.A.shape == (3, 4) and bank.B.shape == (3, 3)
+    torch.testing.assert_close(bank.pool.span("A", 1), A.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(bank.pool.span("B", 1), B.detach().t() * 0.5, rtol=0, atol=0)
+    assert not bank.A[0].any() and not bank.B[0].any()
     assert int(bank.rank[1]) == 2 and bool(bank.occupied[1])
     x = torch.randn(1, 5, 4, generator=g)
     with router.route(torch.tensor([1])):
@@ -53,7 +54,7 @@ def test_rms_norm_override_equals_the_reference_per_row_and_free_slots_keep_the_
     router = Router()
     base = RMSNorm(D, eps=1e-3)
     bank = BankedNorm(base, slots=3, router=router)
-    assert bank.rms and bank.eps == 1e-3 and bank.b is None
+    assert bank.rms and bank.eps == 1e-3 and not bank.has_bias
     w = torch.linspace(2.0, -1.0, D)
     bank.load(1, weight=w, bias=torch.ones(D))  # an RMS norm has no bias: it is ignored
     x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(1)) * 3
@@ -64,7 +65,11 @@ def test_rms_norm_override_equals_the_reference_per_row_and_free_slots_keep_the_
     torch.testing.assert_close(out[2], (w * rms)[2], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[1], base(x)[1].detach(), rtol=0, atol=1e-6)
     bank.evict(1)
-    torch.testing.assert_close(bank.w[1], base.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(bank.pool.span("w", 1), base.weight.detach(), rtol=0, atol=0)
+    bank.load(2, weight=w, bias=None)  # slot 2 keeps a norm override, so the bank stays active
+    with torch.no_grad(), router.route(torch.tensor([1, 2, 1])):
+        out = bank(x)
+    torch.testing.assert_close(out[0], base(x)[0].detach(), rtol=0, atol=1e-6)
 
 
 def test_layernorm_override_takes_the_bias_and_eviction_restores_the_base() -> None:
@@ -82,7 +87,7 @@ def test_layernorm_override_takes_the_bias_and_eviction_restores_the_base() -> N
     torch.testing.assert_close(out[0], F.layer_norm(x[0], (D,), w, b, 1e-5), rtol=0, atol=1e-6)
     torch.testing.assert_close(out[1], base(x[1]).detach(), rtol=0, atol=1e-6)
     bank.evict(1)
-    torch.testing.assert_close(bank.b[1], base.bias.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(bank.pool.span("b", 1), base.bias.detach(), rtol=0, atol=0)
 
 
 def _bottleneck(width: int, seed: int) -> dict[str, torch.Tensor]:

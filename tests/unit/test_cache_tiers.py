@@ -187,3 +187,16 @@ def test_plan_splits_a_batch_whose_adapters_exceed_the_budget() -> None:
     device.set_pinned([pinned.key])
     groups = device.plan([named(t, nbytes=30) for t in "abcd"])
     assert [[a.task for a in g] for g in groups] == [["a", "b"], ["c", "d"]]
+
+
+def test_eviction_is_size_aware_a_large_adapter_leaves_before_a_small_older_one() -> None:
+    """GreedyDual-Size: per byte freed, a small adapter costs more to load again, so it stays longer."""
+    device, _ = slots(capacity=8, budget=100)
+    device.assign([named("small", nbytes=10)])
+    device.assign([named("large", nbytes=60)])  # more recent, but frees 6x the bytes per reload
+    device.assign([named("new", nbytes=40)])
+    assert resident(device) == ["new", "small"]
+    # recency still counts: a small adapter left unused while others come and go ages out
+    for i in range(12):
+        device.assign([named(f"n{i}", nbytes=10)])
+    assert "small" not in resident(device) and "n11" in resident(device)
