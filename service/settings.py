@@ -218,7 +218,7 @@ class Settings(BaseSettings):
         ge=1,
         description=(
             "Byte budget of decoded adapters kept in host memory (least recently used evicted first, "
-            "never one a request holds). An adapter larger than this alone is refused at upload (413)."
+            "never a pinned one or one a request holds). An adapter larger than this alone is refused at upload (413)."
         ),
     )
     pinned: Keys = Field(
