@@ -112,11 +112,10 @@ class Hypernetworks:
                     "(ADAPTERSERVE_BOTTLENECK_MAX_DIM)"
                 ) from None
             for name, value in parts.items():
-                room = getattr(bank, name).shape[1:]
-                if value.dim() != len(room) or any(a > b for a, b in zip(value.shape, room, strict=True)):
+                if not bank.fits(name, value):
                     raise PayloadTooLarge(
                         f"the generated adapters do not fit this server's {entry.kind} bank at {entry.key}: "
-                        f"{tuple(value.shape)} vs {tuple(room)} (ADAPTERSERVE_BOTTLENECK_MAX_DIM)"
+                        f"{tuple(value.shape)} vs rows of {tuple(getattr(bank, name).shape[1:])}"
                     )
 
     def resolve(self, name: str) -> tuple[int, Hypernetwork]:
