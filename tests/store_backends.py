@@ -19,7 +19,9 @@ from store.s3 import S3Store
 
 __all__ = ["MotoS3", "atomic_conditional_writes", "contents", "leftovers", "moto_s3"]
 
-_ATOMIC = threading.Lock()
+# Re-entrant: modules that import the fixture each get their own session server, so the patch can nest
+# (one wrapper calling the other on the same thread); a plain lock would deadlock every later PutObject.
+_ATOMIC = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -33,11 +35,15 @@ def atomic_conditional_writes() -> Iterator[None]:
     from moto.s3.responses import S3Response
 
     original = S3Response.put_object
+    if getattr(original, "_adapterserve_atomic", False):
+        yield
+        return
 
     def put_object(self: Any, *args: Any, **kwargs: Any) -> Any:
         with _ATOMIC:
             return original(self, *args, **kwargs)
 
+    put_object._adapterserve_atomic = True  # type: ignore[attr-defined]
     S3Response.put_object = put_object  # type: ignore[method-assign]
     try:
         yield
