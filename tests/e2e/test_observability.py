@@ -19,6 +19,7 @@ import pytest
 import yaml
 from e2e_support import ADMIN, REPO, InProcess, Server, write_random_artifact
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import load_file
 
 from service.client import Client, RateLimitedError, Retry
 
@@ -169,16 +170,22 @@ def _queue_depth(url: str) -> float:
 def live_scrape(tiny_model_dir, tmp_path_factory) -> dict:
     """A real server driven through loads, evictions and a refused request; its /metrics and what it said.
 
-    One device slot and no host cache for two tasks: alternating them loads from the store and evicts.
+    One device slot and a host cache of one adapter for two tasks: alternating them loads from the store and evicts.
     A long batch wait, batches of 4 rows and a queue of 4 rows: a request of 3 rows waits for company,
     and a second one meanwhile is refused; full batches of 4 run at once.
     """
     tmp_path = tmp_path_factory.mktemp("observability")
+    spec = InProcess(tiny_model_dir).spec
+    head = {"type": "classification", "labels": ["no", "yes"]}
+    config = {"method": "lora", "r": 2, "alpha": 4.0, "backbone_fingerprint": spec.fingerprint, "head": head}
+    dirs = {t: write_random_artifact(tmp_path / t, config, spec, seed=i) for i, t in enumerate(("a", "b"))}
+    # A host cache of one adapter: each load of one task evicts the other's decoded copy.
+    one = sum(a.nbytes for a in load_file(dirs["a"] / "adapter.safetensors").values())
     server = Server(
         tmp_path,
         backbone=tiny_model_dir,
         slots=2,
-        host_cache_bytes=1,
+        host_cache_bytes=one,
         max_inputs=4,
         max_queue=4,
         max_batch_size=4,
@@ -187,18 +194,9 @@ def live_scrape(tiny_model_dir, tmp_path_factory) -> dict:
     )
     try:
         server.wait_ready()
-        spec = InProcess(tiny_model_dir).spec
-        head = {"type": "classification", "labels": ["no", "yes"]}
         with Client(server.url, key=ADMIN, retry=Retry(attempts=1)) as admin:
-            for i, task in enumerate(("a", "b")):
-                config = {
-                    "method": "lora",
-                    "r": 2,
-                    "alpha": 4.0,
-                    "backbone_fingerprint": spec.fingerprint,
-                    "head": head,
-                }
-                admin.upload(task, write_random_artifact(tmp_path / task, config, spec, seed=i))
+            for task, directory in dirs.items():
+                admin.upload(task, directory)
             first = threading.Thread(target=admin.predict, args=("a", ["the movie was good"] * 3))
             first.start()
             # the server is another process: polling its metrics is the only way to see the rows queued

@@ -289,7 +289,8 @@ def _variant(spec, kind: str) -> tuple[bytes, bytes]:
     ],
 )
 async def test_invalid_uploads_are_refused_and_store_nothing(running, kind, status):
-    async with running() as (app, client):
+    # No rank or prefix length is too large by default; an operator's caps refuse past them.
+    async with running(lora_max_rank=16, prefix_max_len=32) as (app, client):
         config, weights = _variant(app.state.service.backbone.spec, kind)
         files = {
             "config": ("c.json", config, "application/json"),
@@ -632,12 +633,15 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, artifacts):
-    async with running(metrics_max_tasks=2, host_cache_bytes=1) as (app, client):
-        spec = app.state.service.backbone.spec
-        for i, n in enumerate(["t1", "t2", "t3"]):
-            assert (
-                await upload(client, n, make_artifact(artifacts, n, "ia3", spec, seed=i))
-            ).status_code == 201
+    from safetensors.numpy import load_file
+
+    spec = tiny_backbone().spec
+    dirs = {n: make_artifact(artifacts, n, "ia3", spec, seed=i) for i, n in enumerate(["t1", "t2", "t3"])}
+    one = sum(a.nbytes for a in load_file(dirs["t1"] / "adapter.safetensors").values())
+    async with running(metrics_max_tasks=2, host_cache_bytes=one) as (_app, client):
+        for n, d in dirs.items():
+            assert (await upload(client, n, d)).status_code == 201
+        for n in dirs:
             assert (await client.post(f"/v1/tasks/{n}/predict", json={"inputs": TEXTS})).status_code == 200
         assert (await client.post("/v1/tasks/nope/predict", json={"inputs": TEXTS})).status_code == 404
         text = (await client.get("/metrics")).text
@@ -650,8 +654,9 @@ async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, art
         assert _sample(text, "adapterserve_requests_total", task="other", status="200") == 1
         assert _sample(text, "adapterserve_tokens_total") > 0
         assert _sample(text, "adapterserve_uploads_total", result="ok") == 3
-        # a one-byte host cache keeps nothing an upload decoded: each task's predict loads it
-        # from the store once; each upload put its adapter in a device slot, where the predicts hit
+        # a host cache of one adapter: each upload evicts the one before, and each predict the one
+        # the last load brought (t3 goes when t1 loads), so every predict loads from the store once;
+        # each upload put its adapter in a device slot, where the predicts hit
         assert _sample(text, "adapterserve_adapter_loads_total", source="store", result="ok") == 3
         assert _sample(text, "adapterserve_adapter_loads_total", result="error") == 0
         assert _sample(text, "adapterserve_adapter_cache_misses_total") == 3
