@@ -355,7 +355,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     "/decode",
     dependencies=INFERENCE_KEY,
     response_model=list[str],
-    responses=_errors(401, 404, 413, 422, 503),
+    # 400: a body that is not JSON, as on every route with a JSON body
+    responses=_errors(400, 401, 404, 413, 422, 503),
 )
 async def decode(body: DecodeRequest, request: Request) -> Response:
     """The text of each list of token ids."""

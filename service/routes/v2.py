@@ -12,6 +12,7 @@ follows its head: `scores` (FP32 [-1, labels], probabilities in the head's label
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -43,6 +44,7 @@ from service.routes.v2_protocol import (
 )
 from service.runtime import Service
 from service.settings import Settings
+from store.base import is_valid_name
 from store.errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -63,7 +65,17 @@ PLATFORM = "adapterserve"
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-ModelName = Annotated[str, Path(description="A task, or the backbone's name.")]
+# A task name, or the backbone's (which may have capitals, as `all-MiniLM-L6-v2` does). A name of this
+# form that names neither is an unknown model (404); one outside it is malformed (400).
+MODEL_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+_MODEL_RE = re.compile(MODEL_PATTERN)
+ModelName = Annotated[
+    str,
+    Path(
+        description="A task, or the backbone's name.",
+        json_schema_extra={"pattern": MODEL_PATTERN, "minLength": 1, "maxLength": 64},
+    ),
+]
 ModelVersion = Annotated[
     str,
     Path(
@@ -159,6 +171,8 @@ async def _lookup(svc: Service, name: str) -> _Model:
     if name == svc.backbone.spec.name:
         kind = _backbone_kind(svc)
         return _Model(name, 0, kind, "embedding" if kind == "embed" else None, ())
+    if not is_valid_name(name) and len(name) <= 64 and _MODEL_RE.fullmatch(name):
+        raise NotFound(f"no model named {name!r}: GET /v1/models lists them")
     current, head = await svc.registry.head(name)
     if head is None:
         return _Model(name, current, "generate", None, ())

@@ -95,17 +95,11 @@ UNSAYABLE = {
     "POST /embed": "token ids must lie in the backbone's vocabulary, and an input must fit its token limit "
     "unless `truncate` is set (a schema bounds characters, not tokens)",
     "POST /rerank": "the query and each text must fit the backbone's token limit unless `truncate` is set",
-}
-# Found by this check and left to the protocol modules that own them (service/routes/v2.py):
-# their schemas do not yet say the name rule of `model` or the JSON body that binary infer requests
-# need. Remove an entry once its schema says it.
-NOT_YET_TIGHTENED = {
-    "GET /v2/models/{model}": "`model` lacks the name pattern",
-    "GET /v2/models/{model}/ready": "`model` lacks the name pattern",
-    "GET /v2/models/{model}/versions/{version}": "`model` lacks the name pattern",
-    "GET /v2/models/{model}/versions/{version}/ready": "`model` lacks the name pattern",
-    "POST /v2/models/{model}/infer": "an octet-stream body is documented but answered 422",
-    "POST /v2/models/{model}/versions/{version}/infer": "an octet-stream body is documented but answered 422",
+    # Every other infer body is JSON and fully checked; a binary one is bytes whose JSON part and
+    # tensor data must agree with the Inference-Header-Content-Length header and the JSON's shapes.
+    "POST /v2/models/{model}/infer": "a binary (octet-stream) body must be a JSON request of the "
+    "header's length followed by exactly the tensor bytes it describes",
+    "POST /v2/models/{model}/versions/{version}/infer": "the same for a binary body naming a version",
 }
 
 
@@ -119,16 +113,13 @@ NOT_YET_TIGHTENED = {
 )
 def test_every_operation_answers_as_documented(case, live_server):
     label = case.operation.label
-    excluded = (
-        [schemathesis.checks.positive_data_acceptance] if label in {**UNSAYABLE, **NOT_YET_TIGHTENED} else []
-    )
+    excluded = [schemathesis.checks.positive_data_acceptance] if label in UNSAYABLE else []
     case.call_and_validate(base_url=live_server, headers=admin(), timeout=30, excluded_checks=excluded)
 
 
 def test_every_exclusion_names_an_operation_of_the_schema():
     labels = {f"{m.upper()} {p}" for p, item in schema.raw_schema["paths"].items() for m in item}
     assert set(UNSAYABLE) <= labels
-    assert set(NOT_YET_TIGHTENED) <= labels | set(NOT_YET_TIGHTENED)  # routes still being added
 
 
 def test_the_upload_body_admits_only_the_two_parts_the_server_reads():

@@ -235,6 +235,8 @@ async def test_model_metadata_describes_each_head(running, artifacts):
             ("/v2/models/cls/versions/%C2%B2", 400),
             ("/v2/models/nope/ready", 404),
             ("/v2/models/Bad..Name", 400),
+            # the documented model pattern admits capitals (backbone names have them): unknown, not malformed
+            ("/v2/models/Nope", 404),
         ]:
             r = await client.get(path)
             assert r.status_code == status, (path, r.text)
