@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("mixed", "http", "hyper", "quality", "embed", "soak", "generate")
+BENCHMARKS = ("mixed", "http", "hyper", "quality", "embed", "soak", "generate", "generate_http", "tasks")
 
 
 def _bench(args: argparse.Namespace) -> int:
