@@ -170,7 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("mixed", "http", "hyper", "quality", "embed", "soak", "generate", "generate_http", "tasks")
+BENCHMARKS = (
+    "mixed",
+    "http",
+    "hyper",
+    "quality",
+    "embed",
+    "soak",
+    "generate",
+    "generate_http",
+    "tasks",
+    "tasks_http",
+)
 
 
 def _bench(args: argparse.Namespace) -> int:
