@@ -12,10 +12,13 @@ ARG TORCH_VARIANT=cpu
 # the index torch comes from (an ARG, so a build can point it at a mirror); empty: pip's configured
 # indexes, e.g. those of the pip_conf secret below
 ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/${TORCH_VARIANT}"
+# extras of pyproject.toml to install as well: `ray` for `adapterserve serve --ray` (the compose
+# profile `ray` builds adapterserve:0.1.0-ray with it), `s3` for an s3:// store; empty: neither
+ARG INSTALL_EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY scripts/install.sh scripts/install.sh
+COPY scripts/install.sh scripts/slim-venv.sh scripts/
 # A package mirror and its CA bundle arrive as build secrets, never as layers or build args:
 #   docker build --secret id=pip_conf,src=pip.conf --secret id=ca_bundle,src=ca.pem .
 # install.sh uses them when present (PIP_CONFIG_FILE, PIP_CERT); without them pip's defaults apply.
@@ -26,9 +29,11 @@ COPY pyproject.toml README.md ./
 COPY adapters adapters
 COPY store store
 COPY service service
-# pip's compiled bytecode stays: the runtime user cannot write it, and torch imports fast with it
+# pip's compiled bytecode stays: the runtime user cannot write it, and torch imports fast with it.
+# slim-venv.sh then removes what serving never loads (1.5 GB -> 1.1 GB; see the script).
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=ca_bundle \
-    scripts/install.sh /opt/venv
+    scripts/install.sh /opt/venv --extras=${INSTALL_EXTRAS} \
+ && scripts/slim-venv.sh /opt/venv
 
 # -- runtime: the interpreter, the virtual environment and nothing else ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

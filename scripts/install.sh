@@ -3,10 +3,11 @@
 #
 # The one install procedure: `make install` (and so CI) and the Dockerfile both run it.
 #
-#   scripts/install.sh VENV [--test] [--editable] [--torch-only]
+#   scripts/install.sh VENV [--test] [--extras=a,b] [--editable] [--torch-only]
 #
 #   VENV        virtual environment to install into (created with $PYTHON when missing)
 #   --test      also install the test extra (pytest, peft, ruff, ...)
+#   --extras=a,b  also install these extras of pyproject.toml (the image's INSTALL_EXTRAS: ray, s3)
 #   --editable  install the project in development mode (`pip install -e`)
 #   --torch-only  stop after torch (an image build caches that layer apart from the sources)
 #
@@ -25,16 +26,17 @@ if [[ -s $secrets/ca_bundle ]]; then export PIP_CERT=$secrets/ca_bundle; fi
 
 TORCH_VERSION=2.13.0  # keep equal to the pin in pyproject.toml (tests/unit/test_deploy.py checks)
 
-usage() { echo "usage: $0 VENV [--test] [--editable] [--torch-only]" >&2; exit 2; }
+usage() { echo "usage: $0 VENV [--test] [--extras=a,b] [--editable] [--torch-only]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 venv=$1
 shift
-extra=""
+extras=()
 mode=()
 torch_only=""
 for arg in "$@"; do
   case $arg in
-    --test) extra="[test]" ;;
+    --test) extras+=(test) ;;
+    --extras=*) IFS=, read -ra more <<<"${arg#--extras=}"; extras+=("${more[@]}") ;;
     --editable) mode=(-e) ;;
     --torch-only) torch_only=1 ;;
     *) usage ;;
@@ -56,4 +58,6 @@ else
   "${pip[@]}" "torch==$TORCH_VERSION"
 fi
 [[ -z $torch_only ]] || exit 0
+extra=""
+if [[ ${#extras[@]} -gt 0 ]]; then extra="[$(IFS=,; echo "${extras[*]}")]"; fi
 "${pip[@]}" "${mode[@]}" "$root$extra"

@@ -82,12 +82,13 @@ def test_compose_files_parse_and_reference_files_that_exist(name):
 
 def test_compose_stack_is_pinned_private_and_gpu_override_extends_it():
     base = compose("docker-compose.yml")
-    assert set(base["services"]) == {"adapterserve", "prometheus", "grafana"}
+    default = {name for name, service in base["services"].items() if "profiles" not in service}
+    assert default == {"adapterserve", "prometheus", "grafana"}
     for service in base["services"].values():
         tag = service["image"].rsplit(":", 1)
         assert len(tag) == 2 and tag[1] not in ("", "latest"), service["image"]
         # published on the host's loopback only
-        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+        assert all(port.startswith("127.0.0.1:") for port in service.get("ports", []))
     assert base["services"]["adapterserve"]["build"]["args"]["TORCH_VARIANT"] == "cpu"
     gpu = compose("docker-compose.gpu.yml")["services"]
     assert set(gpu) <= set(base["services"])
@@ -99,6 +100,27 @@ def test_compose_stack_is_pinned_private_and_gpu_override_extends_it():
     settings = {f"ADAPTERSERVE_{name.upper()}" for name in Settings.model_fields}
     for service in (base["services"]["adapterserve"], app):
         assert {k for k in service["environment"] if k.startswith("ADAPTERSERVE_")} <= settings
+
+
+def test_ray_profile_runs_two_replicas_over_the_s3_server_it_starts():
+    from service.ray_app import RaySettings
+
+    services = compose("docker-compose.yml")["services"]
+    ray = {name for name, service in services.items() if "ray" in service.get("profiles", [])}
+    assert ray == {"s3", "s3-bucket", "adapterserve-ray"}
+    app = services["adapterserve-ray"]
+    assert app["build"]["args"]["INSTALL_EXTRAS"] == "ray"
+    assert app["command"][:3] == ["serve", "--ray", "--replicas"] and "2" in app["command"][3]
+    env = app["environment"]
+    bucket = env["ADAPTERSERVE_STORE"].removeprefix("s3://").split("/")[0]
+    assert env["ADAPTERSERVE_STORE"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://s3:9000"
+    # the bucket the store names is the one the init job makes, and the app waits for it
+    assert f"s3/{bucket}" in " ".join(services["s3-bucket"]["entrypoint"])
+    assert app["depends_on"]["s3-bucket"]["condition"] == "service_completed_successfully"
+    assert services["s3-bucket"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    known = {f"ADAPTERSERVE_{n.upper()}" for n in Settings.model_fields}
+    known |= {f"ADAPTERSERVE_RAY_{n.upper()}" for n in RaySettings.model_fields}
+    assert {k for k in env if k.startswith("ADAPTERSERVE_")} <= known
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_the_datasource():
@@ -139,7 +161,14 @@ def test_the_image_installs_with_the_script_ci_runs():
     # torch first in a layer of its own, then the whole install: both into the venv the runtime copies
     assert invocations == [
         ["scripts/install.sh", "/opt/venv", "--torch-only"],
-        ["scripts/install.sh", "/opt/venv"],
+        [
+            "scripts/install.sh",
+            "/opt/venv",
+            "--extras=${INSTALL_EXTRAS}",
+            "&&",
+            "scripts/slim-venv.sh",
+            "/opt/venv",
+        ],
     ]
     assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
     # the runtime gets no test extra, nothing editable, and installs nothing itself
