@@ -72,6 +72,13 @@ class RaySettings(BaseSettings):
     )
     gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (0: CPU).")
     cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    access_log: bool = Field(
+        default=False,
+        description=(
+            "Ray Serve's access log: a line per request from the proxy, the ingress and the replica "
+            "(shipped to the driver by Ray's log monitor, several ms of CPU per request)."
+        ),
+    )
     slots: int = Field(
         default_factory=lambda: int(os.environ.get("ADAPTERSERVE_SLOTS", "16")),
         ge=2,
@@ -193,8 +200,11 @@ class Engine:
         from service.app import create_app
         from service.settings import Settings
 
-        logging.basicConfig(level=logging.INFO)
-        self.app = create_app(Settings())
+        settings = Settings()
+        logging.basicConfig(level=settings.log_level.upper())
+        # The in-process client's line per forwarded request is noise here (Ray's access log has it).
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self.app = create_app(settings)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.service = self.app.state.service
@@ -332,6 +342,7 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
             "runtime_env": {"env_vars": {**env, "PYTHONPATH": _pythonpath()}},
         },
         "max_ongoing_requests": rs.max_ongoing_requests,
+        "logging_config": _logging_config(rs),
     }
     if rs.max_replicas is not None and rs.max_replicas > rs.replicas:
         options["autoscaling_config"] = {
@@ -342,7 +353,21 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
     else:
         options["num_replicas"] = rs.replicas
     engine = Engine.options(**options).bind(env)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engine)
+    # Ray's default of 5 requests in flight per replica would make the one ingress the bottleneck: it
+    # takes as many as all the engine replicas together, which is where overload is answered.
+    ingress_ongoing = rs.max_ongoing_requests * max(rs.replicas, rs.max_replicas or 0)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=ingress_ongoing,
+        logging_config=_logging_config(rs),
+    ).bind(engine)
+
+
+def _logging_config(rs: RaySettings) -> dict[str, Any]:
+    """Ray Serve's logging for our deployments and proxy: our log level, its access log only on request."""
+    from service.settings import Settings
+
+    return {"log_level": Settings().log_level.upper(), "enable_access_log": rs.access_log}
 
 
 def _pythonpath() -> str:
@@ -358,8 +383,8 @@ def run(*, replicas: int, host: str, port: int) -> int:
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}
     )
-    serve.start(http_options={"host": host, "port": port})
     settings = RaySettings(replicas=replicas) if replicas else RaySettings()
+    serve.start(http_options={"host": host, "port": port}, logging_config=_logging_config(settings))
     serve.run(build_app(settings), name="adapterserve", route_prefix="/")
     log.info("adapterserve on Ray Serve: %d replicas at http://%s:%d", settings.replicas, host, port)
     stop = threading.Event()

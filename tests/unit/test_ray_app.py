@@ -61,3 +61,21 @@ def test_ray_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("ADAPTERSERVE_SLOTS", "64")
     s = RaySettings()
     assert (s.replicas, s.max_replicas, s.gpus_per_replica, s.slots) == (3, 8, 1.0, 64)
+
+
+@pytest.mark.parametrize(("level", "access"), [("warning", None), ("info", "true")])
+def test_serve_logs_at_our_level_with_the_access_log_off_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, level: str, access: str | None
+) -> None:
+    """A line per request in three processes, shipped to the driver, costs CPU per request: off by default."""
+    from service.ray_app import build_app
+
+    monkeypatch.setenv("ADAPTERSERVE_LOG_LEVEL", level)
+    if access is not None:
+        monkeypatch.setenv("ADAPTERSERVE_RAY_ACCESS_LOG", access)
+    ingress = build_app(RaySettings(), env={})._bound_deployment
+    engine = ingress.init_args[0]._bound_deployment
+    for deployment in (ingress, engine):
+        config = deployment._deployment_config.logging_config
+        assert config["log_level"] == level.upper()
+        assert config["enable_access_log"] is (access == "true")
