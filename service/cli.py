@@ -181,6 +181,7 @@ BENCHMARKS = (
     "generate_http",
     "tasks",
     "tasks_http",
+    "scaleout",
 )
 
 
