@@ -49,7 +49,7 @@ from bench.common import log
 from bench.http import Server
 from bench.load import Load, run_load, wrk_available
 from bench.tasks import SENTENCES, ZIPF
-from bench.tasks_http import tier, write_tasks
+from bench.tasks_http import summary, tier, write_tasks
 
 PORT = 8793
 
@@ -91,23 +91,8 @@ def run_one(root: Path, dirs: list[Path], load: Load, *, name: str, replicas: in
         server.stop()
         if replicas:
             _ray_stop()
-    d = {k: after[k] - before[k] for k in after}
-    cpu = result["cpu_ms_per_request"]
-    return {
-        "config": name,
-        "replicas": replicas,
-        "slots": slots,
-        "tasks": len(dirs),
-        "requests_per_s": round(result["ok_per_s"], 2),
-        "p50_ms": round(result["p50_ms"], 2),
-        "p99_ms": round(result["p99_ms"], 2),
-        "hit_rate": round(d["hits"] / max(d["hits"] + d["misses"], 1), 4),
-        "device_loads": int(d["loads"]),
-        "evictions": int(d["evictions"]),
-        "cpu_ms_per_request": None if cpu is None else round(cpu, 3),
-        "statuses": result["statuses"],
-        "client": result["client"],
-    }
+    config = {"config": name, "replicas": replicas, "slots": slots, "tasks": len(dirs)}
+    return {**config, **summary(result, before, after)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,19 +125,21 @@ def run_budget(
         after = tier(httpx.get(f"{server.url}/metrics").text)
     finally:
         server.stop()
+    return {"budget_fraction": fraction, "cache_bytes": budget, **summary(result, before, after)}
+
+
+def summary(result: dict, before: dict[str, float], after: dict[str, float]) -> dict:
+    """A measured run's figures: throughput, latency, the device tier over the run, CPU per request."""
     d = {k: after[k] - before[k] for k in after}
+    cpu = result["cpu_ms_per_request"]
     return {
-        "budget_fraction": fraction,
-        "cache_bytes": budget,
         "requests_per_s": round(result["ok_per_s"], 2),
         "p50_ms": round(result["p50_ms"], 2),
         "p99_ms": round(result["p99_ms"], 2),
         "hit_rate": round(d["hits"] / max(d["hits"] + d["misses"], 1), 4),
         "device_loads": int(d["loads"]),
         "evictions": int(d["evictions"]),
-        "cpu_ms_per_request": None
-        if result["cpu_ms_per_request"] is None
-        else round(result["cpu_ms_per_request"], 3),
+        "cpu_ms_per_request": None if cpu is None else round(cpu, 3),
         "statuses": result["statuses"],
         "client": result["client"],
     }
