@@ -14,14 +14,15 @@ Compacter, Pfeiffer, IA3 on the bundled MiniLM); each request is one SST-2 sente
   little gain is expected; the ratio `ray1 / plain` is the cost of the Ray hop (ingress actor, handle
   call, a second process), and the hit rate says whether routing kept each task where it was loaded.
 - `zipf`: `--tasks` tasks with Zipf(1.1) popularity over 2 replicas of `--slots` device slots each
-  (Ray's multiplexed limit one less), against the same 2 replicas with a slot for every task
-  (`all_resident`).
+  (Ray's multiplexed limit one less), routed by task affinity (a home replica per task,
+  service/ray_router.py) and by Ray Serve's default multiplexed routing, against the same 2 replicas
+  with a slot for every task (`all_resident`).
 
 The device tier's hits and misses come from the ingress's merged /metrics (every replica's counters)
 over the measured run; CPU is the server's whole process tree (Ray's raylet and workers included).
 One JSON line per run:
 
-    {"run", "config", "replicas", "slots", "tasks", "requests_per_s", "ratio", "p50_ms", "p99_ms",
+    {"run", "config", "replicas", "routing", "slots", "tasks", "requests_per_s", "ratio", "p50_ms", "p99_ms",
      "hit_rate", "device_loads", "evictions", "cpu_ms_per_request", "statuses", "client"}
 
 `ratio` is against `plain` for the hop runs and against `all_resident` for the zipf ones.
@@ -60,7 +61,17 @@ def _ray_stop() -> None:
     subprocess.run([ray, "stop", "--force"], capture_output=True, check=False)
 
 
-def run_one(root: Path, dirs: list[Path], load: Load, *, name: str, replicas: int, slots: int, args) -> dict:
+def run_one(
+    root: Path,
+    dirs: list[Path],
+    load: Load,
+    *,
+    name: str,
+    replicas: int,
+    slots: int,
+    args,
+    routing: str = "affinity",
+) -> dict:
     """One server (plain when replicas is 0): upload every task, warm up, one measured run."""
     store = root / name
     store.mkdir()
@@ -71,6 +82,7 @@ def run_one(root: Path, dirs: list[Path], load: Load, *, name: str, replicas: in
         command = [sys.executable, "-m", "service.cli", "serve", "--ray", "--replicas", str(replicas)]
         command += ["--port", str(PORT)]
         settings |= {"ray_cpus_per_replica": max(args.threads // replicas, 1), "store_poll_s": 1}
+        settings |= {"ray_routing": routing}
     server = Server(store, port=PORT, threads=args.threads, command=command, **settings)
     try:
         server.wait_ready(timeout=300)
@@ -92,6 +104,7 @@ def run_one(root: Path, dirs: list[Path], load: Load, *, name: str, replicas: in
         if replicas:
             _ray_stop()
     config = {"config": name, "replicas": replicas, "slots": slots, "tasks": len(dirs)}
+    config |= {"routing": routing if replicas else None}
     return {**config, **summary(result, before, after)}
 
 
@@ -140,9 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             # The load picks a path uniformly: a long Zipf draw of paths makes its picks Zipf-distributed.
             draw = rng.choice(len(many), size=8192, p=p / p.sum())
             load = Load(paths=[f"/v1/tasks/task{order[k]}/predict" for k in draw], bodies=bodies, seed=1)
+            configs = [
+                ("all_resident", len(many) + 1, "affinity"),
+                (f"slots{args.slots}", args.slots, "affinity"),
+                (f"slots{args.slots}_ray_routing", args.slots, "ray"),
+            ]
             zipf = [
-                run_one(root, many, load, name=name, replicas=2, slots=slots, args=args)
-                for name, slots in (("all_resident", len(many) + 1), (f"slots{args.slots}", args.slots))
+                run_one(root, many, load, name=name, replicas=2, slots=slots, routing=routing, args=args)
+                for name, slots, routing in configs
             ]
             for r in zipf:
                 r |= {

@@ -5,7 +5,9 @@ Two deployments:
 - ``Ingress`` (FastAPI, no model): reads which task a request is for (the path of the native and v2
   routes, the ``model`` field of the OpenAI and TEI ones) and forwards the request, as it came, to the
   engine deployment with that task as the *multiplexed model id*. Ray Serve's router sends a model id
-  to a replica that already has it loaded, so a task's requests land where it is resident.
+  to a replica that already has it loaded, so a task's requests land where it is resident; our router
+  (service/ray_router.py) also gives each task a home replica, so tasks not yet loaded anywhere are
+  split between the replicas instead of being loaded on all of them.
   Management requests (uploads, deletes) carry no model id and go to any replica.
 - ``Engine``: each replica runs the whole adapterserve service in process (backbone, slot banks,
   batcher, registry) and answers through the same FastAPI app as the single server, so every route,
@@ -30,7 +32,7 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request, Response
@@ -72,6 +74,21 @@ class RaySettings(BaseSettings):
     )
     gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (0: CPU).")
     cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    routing: Literal["affinity", "ray"] = Field(
+        default="affinity",
+        description=(
+            "affinity: each task has a home replica by rendezvous hashing (service/ray_router.py), so the "
+            "replicas hold different tasks; ray: Ray Serve's default multiplexed routing."
+        ),
+    )
+    affinity_wait_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "With affinity routing: how long a request waits for its task's home replica (or one that has "
+            "the task loaded) to accept it before any other replica may take it."
+        ),
+    )
     access_log: bool = Field(
         default=False,
         description=(
@@ -344,6 +361,13 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
         "max_ongoing_requests": rs.max_ongoing_requests,
         "logging_config": _logging_config(rs),
     }
+    if rs.routing == "affinity":
+        from ray.serve.config import RequestRouterConfig
+
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class="service.ray_router:TaskAffinityRouter",
+            request_router_kwargs={"wait_s": rs.affinity_wait_s},
+        )
     if rs.max_replicas is not None and rs.max_replicas > rs.replicas:
         options["autoscaling_config"] = {
             "min_replicas": rs.replicas,
