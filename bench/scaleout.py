@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="hop,zipf", help="which of hop,zipf to run")
     ap.add_argument(
+        "--zipf-configs", default="all_resident,affinity,ray", help="which zipf runs (ratios: to the first)"
+    )
+    ap.add_argument(
         "--python-client", dest="wrk", action="store_false", help="Python clients even if wrk is installed"
     )
     args = ap.parse_args(argv)
@@ -157,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("all_resident", len(many) + 1, "affinity"),
                 (f"slots{args.slots}", args.slots, "affinity"),
                 (f"slots{args.slots}_ray_routing", args.slots, "ray"),
+            ]
+            wanted = set(args.zipf_configs.split(","))
+            configs = [
+                c
+                for c, key in zip(configs, ("all_resident", "affinity", "ray"), strict=True)
+                if key in wanted
             ]
             zipf = [
                 run_one(root, many, load, name=name, replicas=2, slots=slots, routing=routing, args=args)

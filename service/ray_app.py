@@ -89,6 +89,14 @@ class RaySettings(BaseSettings):
             "the task loaded) to accept it before any other replica may take it."
         ),
     )
+    affinity_load_bound: float = Field(
+        default=1.25,
+        ge=1.0,
+        description=(
+            "With affinity routing: a task's home (and the replicas that have it loaded) may carry this "
+            "many times the mean requests in flight, plus one, before the other replicas share its load."
+        ),
+    )
     access_log: bool = Field(
         default=False,
         description=(
@@ -366,7 +374,7 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
 
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="service.ray_router:TaskAffinityRouter",
-            request_router_kwargs={"wait_s": rs.affinity_wait_s},
+            request_router_kwargs={"wait_s": rs.affinity_wait_s, "bound": rs.affinity_load_bound},
         )
     if rs.max_replicas is not None and rs.max_replicas > rs.replicas:
         options["autoscaling_config"] = {

@@ -8,7 +8,8 @@ bench/scaleout.py: a hit rate of 0.64 for 1,000 Zipf tasks over 2 x 64 slots, wh
 
 This router ranks replicas by rendezvous hashing of (task, replica): the first is the task's *home*.
 A task's requests go to its home or to a replica that already has it loaded, whichever has the shorter
-queue. Only when none of those has accepted the request for `wait_s` (they are at
+queue; when all of those carry more than 1.25 times the mean load, the other replicas join them
+(consistent hashing with bounded loads). Only when none of those has accepted the request for `wait_s` (they are at
 `max_ongoing_requests`, or did not answer Ray's queue-length probe in time, which happens on a loaded
 machine) may it go to any other replica. When replicas come and go, only the tasks homed on them move.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
@@ -34,12 +35,28 @@ def home_order(task: str, replicas: Iterable[str]) -> list[str]:
     return sorted(replicas, key=lambda replica: _weight(task, replica), reverse=True)
 
 
-def affinity_ranks(task: str, replicas: Sequence[str], loaded: Iterable[str]) -> list[list[str]]:
-    """The ranks to try for a task: its home and the replicas that have it loaded, then the rest."""
+def affinity_ranks(
+    task: str,
+    replicas: Sequence[str],
+    loaded: Iterable[str],
+    *,
+    queues: Mapping[str, int] | None = None,
+    bound: float = 1.25,
+) -> list[list[str]]:
+    """The ranks to try for a task: its home and the replicas that have it loaded, then the rest.
+
+    With `queues` (requests in flight per replica), a first rank whose every replica carries more than
+    `bound` times the mean load (plus one) also takes the replicas that do not: consistent hashing
+    with bounded loads, so one hot task cannot leave the other replicas idle.
+    """
     order = home_order(task, replicas)
     if not order:
         return []
     first = {order[0], *loaded}
+    if queues is not None:
+        limit = bound * (sum(queues.get(r, 0) for r in order) / len(order)) + 1
+        if all(queues.get(r, 0) > limit for r in first):
+            first |= {r for r in order if queues.get(r, 0) <= limit}
     ranks = [[r for r in order if r in first], [r for r in order if r not in first]]
     return [rank for rank in ranks if rank]
 
@@ -47,10 +64,13 @@ def affinity_ranks(task: str, replicas: Sequence[str], loaded: Iterable[str]) ->
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Ray Serve request router: a task's home replica (or one that has it loaded) first, then any other."""
 
-    def initialize_state(self, *, wait_s: float = 1.0, **kwargs) -> None:
-        """Ray's hook for `request_router_kwargs`: how long a request waits for its home before spilling."""
+    _wait_s = 1.0
+    _bound = 1.25
+
+    def initialize_state(self, *, wait_s: float = 1.0, bound: float = 1.25, **kwargs) -> None:
+        """Ray's hook for `request_router_kwargs`: the wait for a task's home, and the load bound."""
         super().initialize_state(**kwargs)
-        self._wait_s = wait_s
+        self._wait_s, self._bound = wait_s, bound
 
     async def choose_replicas(
         self,
@@ -64,15 +84,17 @@ class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loaded = {rid.unique_id for rid in self._multiplexed_model_id_to_replica_ids.get(task, ())}
-        ranks = [
-            [by_id[r] for r in rank] for rank in affinity_ranks(task, list(by_id), loaded & by_id.keys())
-        ]
+        # Ray's cache of each replica's queue length (refreshed by its probes); unknown counts as empty.
+        cache = self.replica_queue_len_cache
+        queues = {rid: cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
+        ids = affinity_ranks(task, list(by_id), loaded & by_id.keys(), queues=queues, bound=self._bound)
+        ranks = [[by_id[r] for r in rank] for rank in ids]
         context = pending_request.routing_context
         # Ray's router tries the next rank at once when no replica of one accepts; within the wait
         # window only the first is offered, and Ray backs off between attempts.
         context.should_backoff = True
         if context.multiplexed_start_matching_time is None:
             context.multiplexed_start_matching_time = time.time()
-        if time.time() - context.multiplexed_start_matching_time < getattr(self, "_wait_s", 1.0):
+        if time.time() - context.multiplexed_start_matching_time < self._wait_s:
             return ranks[:1]
         return ranks

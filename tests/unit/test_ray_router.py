@@ -58,3 +58,21 @@ def test_ranks_put_the_home_and_the_holders_first_and_the_rest_after() -> None:
     assert affinity_ranks(task, REPLICAS, set()) == [[order[0]], order[1:]]
     assert affinity_ranks(task, REPLICAS[:1], set()) == [REPLICAS[:1]]
     assert affinity_ranks(task, [], set()) == []
+
+
+def test_a_home_over_the_load_bound_shares_with_the_replicas_under_it() -> None:
+    task = "sst2"
+    home, second, third, fourth = home_order(task, REPLICAS)
+    # mean 20, limit 1.25 * 20 + 1 = 26: the home at 40 is over it, the others under it join
+    queues = {home: 40, second: 10, third: 20, fourth: 10}
+    (first,) = affinity_ranks(task, REPLICAS, set(), queues=queues)
+    assert first == [home, second, third, fourth]
+    # at 26 (the limit itself) the home keeps its tasks
+    queues = {home: 26, second: 18, third: 18, fourth: 18}  # mean 20
+    assert affinity_ranks(task, REPLICAS, set(), queues=queues)[0] == [home]
+    # one replica far over the bound stays out of the shared rank
+    queues = {home: 60, second: 60, third: 0, fourth: 0}  # mean 30, limit 38.5
+    assert affinity_ranks(task, REPLICAS, set(), queues=queues) == [[home, third, fourth], [second]]
+    # a holder under the bound keeps the request among home and holders
+    queues = {home: 60, second: 0, third: 10, fourth: 10}  # mean 20, limit 26
+    assert affinity_ranks(task, REPLICAS, {fourth}, queues=queues)[0] == [home, fourth]
