@@ -153,6 +153,11 @@ def test_routing_affinity_and_an_upload_served_by_both_replicas(
             if len(answered) == 2:
                 break
         assert len(answered) == 2, answered
+        # Each task was answered by its home: the first replica of its rendezvous order over both.
+        from service.ray_router import home_order
+
+        for task, replicas in seen.items():
+            assert replicas == {home_order(task, answered)[0]}, (task, replicas, answered)
 
 
 def test_a_replica_killed_under_load_loses_no_request(
