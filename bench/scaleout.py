@@ -36,21 +36,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import httpx
-import numpy as np
 
-from bench.common import log
 from bench.http import Server
-from bench.load import Load, run_load, wrk_available
-from bench.tasks import SENTENCES, ZIPF
-from bench.tasks_http import summary, tier, write_tasks
+from bench.load import Load, wrk_available
+from bench.tasks import SENTENCES
+from bench.tasks_http import upload_and_measure, write_tasks, zipf_load
 
 PORT = 8793
 
@@ -86,26 +81,31 @@ def run_one(
     server = Server(store, port=PORT, threads=args.threads, command=command, **settings)
     try:
         server.wait_ready(timeout=300)
-        log(f"{name}: uploading {len(dirs)} tasks ...")
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda d: server.upload(d.name, d), dirs))
-        if replicas:
-            time.sleep(3)  # every replica follows the store's pointers within ADAPTERSERVE_STORE_POLL_S
-        common = {"connections": args.connections, "warmup": 0, "server_pid": server.proc.pid}
-        common |= {"workdir": store, "use_wrk": args.wrk}
-        run_load(server.url, load, duration=args.duration, **common)
-        before = tier(httpx.get(f"{server.url}/metrics").text)
-        result = run_load(server.url, load, duration=args.duration, **common)
-        if replicas:
-            time.sleep(1.5)  # the replicas push their metrics to the ingress every second
-        after = tier(httpx.get(f"{server.url}/metrics").text)
+        measured = upload_and_measure(
+            server,
+            dirs,
+            load=load,
+            args=args,
+            workdir=store,
+            label=name,
+            # every replica follows the store's pointers within ADAPTERSERVE_STORE_POLL_S, and pushes
+            # its metrics to the ingress every second
+            settle_s=3 if replicas else 0,
+            scrape_delay_s=1.5 if replicas else 0,
+        )
     finally:
         server.stop()
         if replicas:
             _ray_stop()
     config = {"config": name, "replicas": replicas, "slots": slots, "tasks": len(dirs)}
     config |= {"routing": routing if replicas else None}
-    return {**config, **summary(result, before, after)}
+    return {**config, **measured}
+
+
+def with_ratios(rows: list[dict], *, run: str) -> list[dict]:
+    """Each row labelled with its run and its throughput against the first row's."""
+    first = max(rows[0]["requests_per_s"], 1e-9) if rows else 1.0
+    return [{**r, "run": run, "ratio": round(r["requests_per_s"] / first, 3)} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,41 +142,21 @@ def main(argv: list[str] | None = None) -> int:
                 run_one(root, few, load, name=name, replicas=n, slots=len(few) + 1, args=args)
                 for name, n in (("plain", 0), ("ray1", 1), ("ray2", 2))
             ]
-            for r in hop:
-                r |= {
-                    "run": "hop",
-                    "ratio": round(r["requests_per_s"] / max(hop[0]["requests_per_s"], 1e-9), 3),
-                }
-            results += hop
+            results += with_ratios(hop, run="hop")
         if "zipf" in runs:
             many = dirs[: args.tasks]
-            rng = np.random.default_rng(1)
-            p = 1.0 / np.arange(1, len(many) + 1) ** ZIPF
-            order = rng.permutation(len(many))  # popularity rank -> task, so methods mix at every rank
-            # The load picks a path uniformly: a long Zipf draw of paths makes its picks Zipf-distributed.
-            draw = rng.choice(len(many), size=8192, p=p / p.sum())
-            load = Load(paths=[f"/v1/tasks/task{order[k]}/predict" for k in draw], bodies=bodies, seed=1)
-            configs = [
-                ("all_resident", len(many) + 1, "affinity"),
-                (f"slots{args.slots}", args.slots, "affinity"),
-                (f"slots{args.slots}_ray_routing", args.slots, "ray"),
-            ]
-            wanted = set(args.zipf_configs.split(","))
-            configs = [
-                c
-                for c, key in zip(configs, ("all_resident", "affinity", "ray"), strict=True)
-                if key in wanted
-            ]
+            configs = {
+                "all_resident": ("all_resident", len(many) + 1, "affinity"),
+                "affinity": (f"slots{args.slots}", args.slots, "affinity"),
+                "ray": (f"slots{args.slots}_ray_routing", args.slots, "ray"),
+            }
+            load = zipf_load(len(many))
             zipf = [
                 run_one(root, many, load, name=name, replicas=2, slots=slots, routing=routing, args=args)
-                for name, slots, routing in configs
+                for key, (name, slots, routing) in configs.items()
+                if key in args.zipf_configs.split(",")
             ]
-            for r in zipf:
-                r |= {
-                    "run": "zipf",
-                    "ratio": round(r["requests_per_s"] / max(zipf[0]["requests_per_s"], 1e-9), 3),
-                }
-            results += zipf
+            results += with_ratios(zipf, run="zipf")
     for r in results:
         print(json.dumps(r), flush=True)
     return 0

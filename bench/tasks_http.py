@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,18 +115,55 @@ def run_budget(
     )
     try:
         server.wait_ready()
-        log(f"budget {fraction}: uploading {len(dirs)} tasks ...")
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda d: server.upload(d.name, d), dirs))
-        common = {"connections": args.connections, "warmup": 0, "server_pid": server.proc.pid}
-        common |= {"workdir": root, "use_wrk": args.wrk}
-        run_load(server.url, load, duration=args.duration, **common)
-        before = tier(httpx.get(f"{server.url}/metrics").text)
-        result = run_load(server.url, load, duration=args.duration, **common)
-        after = tier(httpx.get(f"{server.url}/metrics").text)
+        measured = upload_and_measure(
+            server, dirs, load=load, args=args, workdir=root, label=f"budget {fraction}"
+        )
     finally:
         server.stop()
-    return {"budget_fraction": fraction, "cache_bytes": budget, **summary(result, before, after)}
+    return {"budget_fraction": fraction, "cache_bytes": budget, **measured}
+
+
+def upload_and_measure(
+    server: Server,
+    dirs: list[Path],
+    *,
+    load: Load,
+    args,
+    workdir: Path,
+    label: str,
+    settle_s: float = 0.0,
+    scrape_delay_s: float = 0.0,
+) -> dict:
+    """Upload every task through the API, wait `settle_s`, warm up, then one measured run's summary.
+
+    `scrape_delay_s` waits before the closing /metrics scrape (metrics that arrive after a delay).
+    """
+    log(f"{label}: uploading {len(dirs)} tasks ...")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda d: server.upload(d.name, d), dirs))
+    time.sleep(settle_s)
+    common = {"connections": args.connections, "warmup": 0, "server_pid": server.proc.pid}
+    common |= {"workdir": workdir, "use_wrk": args.wrk}
+    run_load(server.url, load, duration=args.duration, **common)
+    before = tier(httpx.get(f"{server.url}/metrics").text)
+    result = run_load(server.url, load, duration=args.duration, **common)
+    time.sleep(scrape_delay_s)
+    after = tier(httpx.get(f"{server.url}/metrics").text)
+    return summary(result, before, after)
+
+
+def zipf_load(n: int) -> Load:
+    """One-sentence requests to n tasks (`task{i}`) drawn from Zipf(ZIPF), the same draw on every call."""
+    rng = np.random.default_rng(1)
+    p = 1.0 / np.arange(1, n + 1) ** ZIPF
+    order = rng.permutation(n)  # popularity rank -> task, so methods mix at every rank
+    # The load picks a path uniformly: a long Zipf draw of paths makes its picks Zipf-distributed.
+    draw = rng.choice(n, size=8192, p=p / p.sum())
+    return Load(
+        paths=[f"/v1/tasks/task{order[k]}/predict" for k in draw],
+        bodies=[json.dumps({"inputs": [s]}) for s in SENTENCES],
+        seed=1,
+    )
 
 
 def summary(result: dict, before: dict[str, float], after: dict[str, float]) -> dict:
@@ -165,16 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         dirs, items = write_tasks(root / "artifacts", args.tasks, spec)
         sizes = device_bytes(items)
-        rng = np.random.default_rng(1)
-        p = 1.0 / np.arange(1, args.tasks + 1) ** ZIPF
-        order = rng.permutation(args.tasks)  # popularity rank -> task, so methods mix at every rank
-        # The load picks a path uniformly: a long Zipf draw of paths makes its picks Zipf-distributed.
-        draw = rng.choice(args.tasks, size=8192, p=p / p.sum())
-        load = Load(
-            paths=[f"/v1/tasks/task{order[k]}/predict" for k in draw],
-            bodies=[json.dumps({"inputs": [s]}) for s in SENTENCES],
-            seed=1,
-        )
+        load = zipf_load(args.tasks)
         results = [
             run_budget(root, dirs, fraction=f, total=sum(sizes), largest=max(sizes), load=load, args=args)
             for f in (float(x) for x in args.budgets.split(","))  # in the order given: order effects show

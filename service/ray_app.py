@@ -41,6 +41,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 
 from service.errors import protocol_body
+from service.ray_router import LOAD_BOUND, WAIT_S
 
 __all__ = ["Engine", "Ingress", "RaySettings", "build_app", "merge_metrics", "run", "task_of"]
 
@@ -82,7 +83,7 @@ class RaySettings(BaseSettings):
         ),
     )
     affinity_wait_s: float = Field(
-        default=1.0,
+        default=WAIT_S,
         ge=0,
         description=(
             "With affinity routing: how long a request waits for its task's home replica (or one that has "
@@ -90,7 +91,7 @@ class RaySettings(BaseSettings):
         ),
     )
     affinity_load_bound: float = Field(
-        default=1.25,
+        default=LOAD_BOUND,
         ge=1.0,
         description=(
             "With affinity routing: a task's home (and the replicas that have it loaded) may carry this "
@@ -358,6 +359,7 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
     env = env if env is not None else {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     # Every replica polls the shared store, so an upload through one is served by all.
     env.setdefault("ADAPTERSERVE_STORE_POLL_S", "2")
+    logging_config = _logging_config(rs)
     options: dict[str, Any] = {
         "ray_actor_options": {
             "num_cpus": rs.cpus_per_replica,
@@ -367,7 +369,7 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
             "runtime_env": {"env_vars": {**env, "PYTHONPATH": _pythonpath()}},
         },
         "max_ongoing_requests": rs.max_ongoing_requests,
-        "logging_config": _logging_config(rs),
+        "logging_config": logging_config,
     }
     if rs.routing == "affinity":
         from ray.serve.config import RequestRouterConfig
@@ -391,7 +393,7 @@ def build_app(ray_settings: RaySettings | None = None, *, env: dict[str, str] | 
     return Ingress.options(
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=ingress_ongoing,
-        logging_config=_logging_config(rs),
+        logging_config=logging_config,
     ).bind(engine)
 
 

@@ -8,7 +8,7 @@ bench/scaleout.py: a hit rate of 0.64 for 1,000 Zipf tasks over 2 x 64 slots, wh
 
 This router ranks replicas by rendezvous hashing of (task, replica): the first is the task's *home*.
 A task's requests go to its home or to a replica that already has it loaded, whichever has the shorter
-queue; when all of those carry more than 1.25 times the mean load, the other replicas join them
+queue; when all of those carry more than LOAD_BOUND times the mean load, the other replicas join them
 (consistent hashing with bounded loads). Only when none of those has accepted the request for `wait_s` (they are at
 `max_ongoing_requests`, or did not answer Ray's queue-length probe in time, which happens on a loaded
 machine) may it go to any other replica. When replicas come and go, only the tasks homed on them move.
@@ -23,7 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
-__all__ = ["TaskAffinityRouter", "affinity_ranks", "home_order"]
+__all__ = ["LOAD_BOUND", "WAIT_S", "TaskAffinityRouter", "affinity_ranks", "home_order"]
+
+WAIT_S = 1.0
+"""Default seconds a request waits for its task's home (or a holder) before any replica may take it."""
+LOAD_BOUND = 1.25
+"""Default load bound: a home may carry this many times the mean in flight, plus one, before sharing."""
 
 
 def _weight(task: str, replica: str) -> bytes:
@@ -41,7 +46,7 @@ def affinity_ranks(
     loaded: Iterable[str],
     *,
     queues: Mapping[str, int] | None = None,
-    bound: float = 1.25,
+    bound: float = LOAD_BOUND,
 ) -> list[list[str]]:
     """The ranks to try for a task: its home and the replicas that have it loaded, then the rest.
 
@@ -64,10 +69,7 @@ def affinity_ranks(
 class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Ray Serve request router: a task's home replica (or one that has it loaded) first, then any other."""
 
-    _wait_s = 1.0
-    _bound = 1.25
-
-    def initialize_state(self, *, wait_s: float = 1.0, bound: float = 1.25, **kwargs) -> None:
+    def initialize_state(self, *, wait_s: float = WAIT_S, bound: float = LOAD_BOUND, **kwargs) -> None:
         """Ray's hook for `request_router_kwargs`: the wait for a task's home, and the load bound."""
         super().initialize_state(**kwargs)
         self._wait_s, self._bound = wait_s, bound
