@@ -30,6 +30,14 @@ def tiny_model():
     return make
 
 
+@pytest.fixture
+def every_core():
+    """Intra-op threads on every core (up to 4) for one test that trains a real backbone, then one again."""
+    torch.set_num_threads(min(os.cpu_count() or 1, 4))
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state."""

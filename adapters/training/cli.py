@@ -14,21 +14,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from adapters.training.data import TaskData, check_targets, rename_labels
-from adapters.training.export import upload, write_artifact
-from adapters.training.hyper import (
-    HYPER_DEFAULTS,
-    HYPER_LR,
-    load_hypernetwork,
-    train_hyper,
-    train_task_embedding,
-    write_hyper_artifacts,
-)
+# Only light imports here: `adapterserve upload`/`serve`/`--help` build this parser too, and must not
+# pay for torch; every command below imports the model code it runs.
+from adapters.training.names import EMBEDDING, FULL, HYPER_DEFAULTS, HYPER_LR, TRAINABLE_METHODS
 from adapters.training.progress import METRICS_FILE
-from adapters.training.trainer import EMBEDDING, FULL, TrainOptions, train
+
+if TYPE_CHECKING:
+    from adapters.training.data import TaskData
+    from adapters.training.trainer import TrainOptions
 
 __all__ = [
     "add_budget_arguments",
@@ -90,8 +85,6 @@ def add_budget_arguments(
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `train` subcommand on an argparse subparsers object."""
-    from adapters.methods import METHODS
-
     p = subparsers.add_parser(
         "train",
         help="train one adapter (any method, with its head) on the frozen backbone",
@@ -121,7 +114,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "scores, trained by cosine (an embedding task, served on /v1/embeddings)",
     )
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=[*sorted(METHODS), FULL], help="adapter method, or 'full' (required)")
+    m.add_argument(
+        "--method", choices=[*TRAINABLE_METHODS, FULL], help="adapter method, or 'full' (required)"
+    )
     m.add_argument(
         "--hypernetwork",
         metavar="NAME_OR_DIR",
@@ -170,7 +165,14 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def task_data(args: argparse.Namespace) -> TaskData:
     """The training (and dev) examples the data flags name: a GLUE task or CSV/TSV/JSONL files."""
-    from adapters.training.data import infer_task, load_glue, read_examples
+    from adapters.training.data import (
+        TaskData,
+        check_targets,
+        infer_task,
+        load_glue,
+        read_examples,
+        rename_labels,
+    )
 
     embedding = getattr(args, "task_type", None) == EMBEDDING
     if args.glue:
@@ -235,6 +237,8 @@ _OPTION_FLAGS = (
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """TrainOptions from the flags a train command registered; options it has no flag for keep their defaults."""
+    from adapters.training.trainer import TrainOptions
+
     kw = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
     if hasattr(args, "no_dropout"):
         kw["dropout"] = not args.no_dropout
@@ -248,6 +252,8 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     from adapters.backbone import load_backbone
+    from adapters.training.export import upload, write_artifact
+    from adapters.training.trainer import train
 
     if getattr(args, "hypernetwork", None):
         return run_train_task(args)
@@ -374,6 +380,8 @@ def add_train_hyper_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _threads(args: argparse.Namespace) -> None:
+    import torch
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
 
@@ -383,7 +391,8 @@ def run_train_hyper(args: argparse.Namespace) -> int:
     import os
 
     from adapters.backbone import load_backbone
-    from adapters.training.data import load_glue
+    from adapters.training.data import load_glue, rename_labels
+    from adapters.training.hyper import train_hyper, write_hyper_artifacts
 
     _threads(args)
     try:
@@ -437,6 +446,8 @@ def run_train_task(args: argparse.Namespace) -> int:
     import os
 
     from adapters.backbone import load_backbone
+    from adapters.training.export import write_artifact
+    from adapters.training.hyper import load_hypernetwork, train_task_embedding
 
     _threads(args)
     if not args.out:

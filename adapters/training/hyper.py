@@ -42,6 +42,7 @@ from adapters.training.data import (
     tokenize,
 )
 from adapters.training.export import write_artifact
+from adapters.training.names import HYPER_DEFAULTS, HYPER_LR
 from adapters.training.trainer import TrainOptions
 from store.artifact import HypernetworkConfig, expected_tensors, hypernetwork_tensors, parse_config
 from store.base import is_valid_name
@@ -62,12 +63,6 @@ __all__ = [
     "write_hypernetwork",
 ]
 
-HYPER_DEFAULTS: dict = {"variant": "hyperformer++", "bottleneck_dim": 24, "sites": ["attn", "ffn"]}
-"""Hypernetwork hyperparameters unless overridden (the other widths: the schema's defaults)."""
-
-HYPER_LR = 3e-4
-"""Peak learning rate of multi-task hypernetwork training at `projected_dim` 64 (the Hyperformer
-papers' rate and width); other widths get `HYPER_LR * 64 / projected_dim` (see `default_lr`)."""
 TASK_LR_SCALE = 10.0
 """Task embeddings and heads learn this many times faster than the shared generator (new heads start
 from nothing; the generator is shared by every task)."""

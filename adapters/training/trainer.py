@@ -43,6 +43,7 @@ from adapters.training.data import (
 )
 from adapters.training.embedding import PairData, cosine_loss, evaluate_pairs, score_range
 from adapters.training.init import bank_config, init_tensors
+from adapters.training.names import EMBEDDING, FULL
 from adapters.training.prefix import PrefixMLP
 from adapters.training.progress import METRICS_FILE, Progress
 from store.artifact import parse_config
@@ -89,9 +90,6 @@ DEFAULT_LR: dict[str, float] = {
 """Peak learning rate per method (adapters tolerate far larger steps than full fine-tuning); where
 each value came from: docs/training.md, "Defaults and where they came from"."""
 
-FULL = "full"
-EMBEDDING = "embedding"
-"""The task kind of sentence-pair similarity trained by cosine (`adapters.training.embedding`)."""
 
 PREFIX_MLP = 512
 """Width of the prefix MLP while training prefix tuning and MAM (Li & Liang's 512; folded away at export)."""

@@ -221,12 +221,13 @@ def test_the_default_learning_rate_scales_with_the_conditioning_width():
     not (glue_dir() / "SST-2").is_dir(),
     reason=f"GLUE data not found at {glue_dir()} (set ADAPTERSERVE_GLUE_DIR)",
 )
-def test_default_hypernetwork_learns_a_regression_and_a_classification_task_jointly():
+def test_default_hypernetwork_learns_a_regression_and_a_classification_task_jointly(every_core):
     """SST-2 + STS-B on MiniLM at the default widths and learning rate: both tasks learn.
 
     At the former default rate (1e-3) the shared generator overshot within 20 steps and both
     tasks ended near chance after these 80 steps (SST-2 accuracy 0.53, STS-B Pearson 0.22); at
-    3e-4 they reach 0.66 and 0.79 (the majority class is 0.51 on these 200 dev examples).
+    3e-4 they reach 0.625 and 0.79 (the majority class is 0.51 on these 200 dev examples), with
+    one intra-op thread or two alike.
     """
     opts = TrainOptions(
         steps=80,
