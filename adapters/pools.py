@@ -62,7 +62,9 @@ class Pool:
 
     def buffer(self, name: str) -> torch.Tensor:
         """One of the pool's buffers, `[rows, *row_shape]`."""
-        return getattr(self.owner, name)
+        # the module's own buffer dict: nn.Module.__getattr__ costs several lookups per call, and the
+        # loading thread and every forward call this thousands of times per batch
+        return self.owner._buffers[name]
 
     @property
     def capacity(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,17 @@ from store.base import ArtifactStore
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+
+def _telemetry(enabled: bool) -> dict:
+    """FastAPI's telemetry argument, where this FastAPI has one (its native OpenTelemetry support).
+
+    Left on, every request asks the global OpenTelemetry providers whether they are configured
+    (environment lookups on the event loop) even when nothing exports.
+    """
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": enabled, "metrics": enabled, "logs": enabled}}
 
 
 def create_app(
@@ -47,6 +59,7 @@ def create_app(
         # Built by install_docs on local assets: FastAPI's own pages load them from public CDNs.
         docs_url=None,
         redoc_url=None,
+        **_telemetry(settings.otel),
     )
     app.state.service = service
     # A refused upload's answer must reach a client that is still sending the body.

@@ -105,6 +105,8 @@ class HostCache:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinned: set[Key] = set()
         self.bytes = 0
+        self._hits = metrics.tier_hits.labels(tier="host")
+        self._misses = metrics.tier_misses.labels(tier="host")
         self.m.tier_budget_bytes.labels(tier="host").set(budget_bytes)
 
     def set_pinned(self, keys: Iterable[Key]) -> None:
@@ -151,10 +153,10 @@ class HostCache:
             self.drop([key])
             entry = None
         if entry is not None:
-            self.m.tier_hits.labels(tier="host").inc()
+            self._hits.inc()
             out.set_result(self.hold(entry))
             return out
-        self.m.tier_misses.labels(tier="host").inc()
+        self._misses.inc()
         shared = self._loading.get(key)
         if shared is None:
             shared = loop.create_future()
@@ -249,6 +251,11 @@ class DeviceSlots:
         # GreedyDual-Size: per key, its priority; the clock is the last victim's priority
         self._priority: dict[Key, float] = {}
         self._clock = 0.0
+        # Loads and evictions since the gauges were last published.
+        self._changed = False
+        # Label children bound once: a `labels()` lookup per row of every batch adds up.
+        self._hits = metrics.tier_hits.labels(tier="device")
+        self._misses = metrics.tier_misses.labels(tier="device")
         self.m.tier_budget_bytes.labels(tier="device").set(budget_bytes)
 
     # -- readers (any thread) -----------------------------------------------------------------
@@ -289,6 +296,14 @@ class DeviceSlots:
 
     def assign(self, adapters: list[Adapter]) -> dict[Key, int]:
         """Make every adapter resident (evicting least recently used ones) and return their slots."""
+        try:
+            return self._assign(adapters)
+        finally:
+            # Once per batch, not per load or eviction: the pool-bytes gauge walks every bank's buffers.
+            if self._changed:
+                self._publish()
+
+    def _assign(self, adapters: list[Adapter]) -> dict[Key, int]:
         needed = {a.key for a in adapters}
         out: dict[Key, int] = {}
         misses: list[Adapter] = []
@@ -298,16 +313,16 @@ class DeviceSlots:
                 if slot is not None:
                     self._slots.move_to_end(a.key)
             if slot is not None and self._nets.get(a.key) is not a.hypernetwork:
-                self.evict(a.key)
+                self.evict(a.key, publish=False)
                 slot = None
             if slot is not None:
                 self.m.cache_hits.inc()
-                self.m.tier_hits.labels(tier="device").inc()
+                self._hits.inc()
                 self._touch(a.key, a.nbytes)
                 out[a.key] = slot
                 continue
             self.m.cache_misses.inc()
-            self.m.tier_misses.labels(tier="device").inc()
+            self._misses.inc()
             misses.append(a)
         # Generated misses of one hypernetwork are generated together: one batched forward.
         groups: dict[int, list[Adapter]] = {}
@@ -334,7 +349,7 @@ class DeviceSlots:
             # min() keeps the first of equal priorities: least recently used among them
             victim = min(candidates, key=lambda k: self._priority.get(k, 0.0))
             self._clock = max(self._clock, self._priority.get(victim, 0.0))
-            self.evict(victim)
+            self.evict(victim, publish=False)
         return self._free.pop()
 
     def _touch(self, key: Key, nbytes: int) -> None:
@@ -381,11 +396,11 @@ class DeviceSlots:
         for a in group:
             self._touch(a.key, a.nbytes)
         self.m.tier_loads.labels(tier="device").inc(len(group))
-        self._publish()
+        self._changed = True
         return {a.key: slot for slot, a in zip(slots, group, strict=True)}
 
-    def evict(self, key: Key) -> bool:
-        """Free the slot of a key; False when it was not resident."""
+    def evict(self, key: Key, *, publish: bool = True) -> bool:
+        """Free the slot of a key; False when it was not resident (`publish`: update the gauges now)."""
         with self._lock:
             slot = self._slots.pop(key, None)
             if slot is None:
@@ -397,7 +412,10 @@ class DeviceSlots:
         self._free.append(slot)
         self.m.evictions.inc()
         self.m.tier_evictions.labels(tier="device").inc()
-        self._publish()
+        if publish:
+            self._publish()
+        else:
+            self._changed = True
         return True
 
     def evict_generated(self, live: Callable[[object], bool]) -> list[Key]:
@@ -421,6 +439,7 @@ class DeviceSlots:
             return list(self._slots)
 
     def _publish(self) -> None:
+        self._changed = False
         self.m.resident.set(len(self._slots))
         self.m.cache_bytes.set(self.bytes)
         self.m.tier_adapters.labels(tier="device").set(len(self._slots))

@@ -247,6 +247,11 @@ class Settings(BaseSettings):
         default=100, ge=1, description="Tasks that get their own metric label; the rest share `other`."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    otel: bool = Field(
+        default=False,
+        description="Trace every request with FastAPI's native OpenTelemetry support, to the globally "
+        "configured providers; off, requests skip its per-request checks (/metrics is unaffected).",
+    )
 
     @field_validator("admin_keys", "api_keys", "pinned", mode="before")
     @classmethod

@@ -76,6 +76,21 @@ async def test_backbone_route_describes_the_model(running):
         assert body["generative"] is False and body["slots"] == 7
 
 
+@pytest.mark.parametrize("otel", [False, True])
+async def test_opentelemetry_is_asked_per_request_only_when_enabled(running, monkeypatch, otel):
+    """ADAPTERSERVE_OTEL=false: a request never asks OpenTelemetry for its providers (no per-request cost)."""
+    pytest.importorskip("fastapi.telemetry", reason="this FastAPI has no native OpenTelemetry support")
+    from opentelemetry import trace
+
+    asked = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: asked.append(1) or real())
+    async with running(otel=otel) as (_, client):
+        asked.clear()
+        assert (await client.get("/livez")).status_code == 200
+    assert bool(asked) is otel
+
+
 async def test_settings_read_comma_separated_keys_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAPTERSERVE_ADMIN_KEYS", f"{ADMIN}, second-admin-key-000000")
     monkeypatch.setenv("ADAPTERSERVE_API_KEYS", API)
