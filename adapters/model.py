@@ -268,10 +268,23 @@ class MultiTaskModel(nn.Module):
         """Device bytes of every bank's pools: resident rows plus free and dead ones."""
         return sum(bank.allocated_bytes() for bank in self._bank_modules.values())
 
-    def load(self, slot: int, config, tensors: dict[str, torch.Tensor], *, hypernetwork=None) -> None:
-        """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails."""
+    def load(
+        self,
+        slot: int,
+        config,
+        tensors: dict[str, torch.Tensor],
+        *,
+        hypernetwork=None,
+        entries: list | None = None,
+    ) -> None:
+        """Copy an adapter (and its head) into a slot; the slot is left empty if anything fails.
+
+        `entries`: what `entries(config, tensors)` returned for it earlier (prepared ahead of time).
+        """
         self._check(slot)
-        self._write(slot, self._checked(self.entries(config, tensors, hypernetwork=hypernetwork)))
+        if entries is None:
+            entries = self.entries(config, tensors, hypernetwork=hypernetwork)
+        self._write(slot, self._checked(entries))
 
     def load_generated(self, items: list[tuple[int, object, dict[str, torch.Tensor]]], hypernetwork) -> None:
         """Generate several hypernetwork tasks in one batched forward and load each into its slot."""

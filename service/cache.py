@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,8 @@ class Adapter:
     refs: int = field(default=0, repr=False)
     host_nbytes: int | None = None
     """Bytes of the decoded tensors in host memory (None: `nbytes`, what its device slot takes)."""
+    prepared: Future | None = field(default=None, repr=False, compare=False)
+    """Its bank entries being prepared ahead of its device load (`Engine.prefetch`); the load takes them."""
 
     @property
     def host_bytes(self) -> int:
@@ -88,6 +91,18 @@ class Adapter:
     def head(self):
         """The task head's config, or None for generation."""
         return self.config.head
+
+
+def _take_prepared(adapter: Adapter) -> list | None:
+    """The bank entries a prefetch prepared for this adapter (waiting for one still running), once."""
+    future, adapter.prepared = adapter.prepared, None
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:
+        # the load prepares them again and fails with the reason where the batch sees it
+        return None
 
 
 class HostCache:
@@ -270,6 +285,11 @@ class DeviceSlots:
         with self._lock:
             self._pinned = set(keys)
 
+    def resident(self, key: Key) -> bool:
+        """Whether a version sits in a device slot now."""
+        with self._lock:
+            return key in self._slots
+
     # -- worker thread ------------------------------------------------------------------------
 
     def plan(self, adapters: list[Adapter]) -> list[list[Adapter]]:
@@ -316,6 +336,7 @@ class DeviceSlots:
                 self.evict(a.key, publish=False)
                 slot = None
             if slot is not None:
+                a.prepared = None  # resident after all: what a prefetch prepared is not needed
                 self.m.cache_hits.inc()
                 self._hits.inc()
                 self._touch(a.key, a.nbytes)
@@ -374,7 +395,8 @@ class DeviceSlots:
                     [(s, a.config, a.tensors) for s, a in zip(slots, group, strict=True)], net
                 )
             else:
-                self.model.load(slots[0], group[0].config, group[0].tensors, hypernetwork=net)
+                a = group[0]
+                self.model.load(slots[0], a.config, a.tensors, hypernetwork=net, entries=_take_prepared(a))
         except BaseException:
             for slot in slots:
                 self.model.evict(slot)

@@ -165,6 +165,7 @@ class Engine:
         max_input_tokens: int,
         split_cost_tokens: int | None = None,
         compute_threads: int | None = None,
+        prefetch: bool = True,
     ) -> None:
         self.model = model
         self.backbone = model.backbone
@@ -202,6 +203,11 @@ class Engine:
             else None
         )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterserve-tokenize")
+        self._prefetch_pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterserve-prefetch")
+            if prefetch
+            else None
+        )
 
     # -- threads --------------------------------------------------------------------------------
 
@@ -237,6 +243,20 @@ class Engine:
             lambda: self.tokenizer.batch_decode([list(t) for t in tokens], skip_special_tokens=True),
         )
 
+    def prefetch(self, adapter: Adapter) -> None:
+        """Start preparing a cold adapter's bank entries off the worker thread, ahead of its batch.
+
+        The worker thread runs loads and forwards one at a time, so a load on it leaves the compute
+        threads idle; what a load computes before its copy (Kronecker products, the transfer to the
+        device) is done here instead, while earlier batches run. A generated adapter is left alone:
+        its batch generates every cold task of its hypernetwork in one forward.
+        """
+        if self._prefetch_pool is None or adapter.hypernetwork is not None or adapter.prepared is not None:
+            return
+        if self.device.resident(adapter.key):
+            return
+        adapter.prepared = self._prefetch_pool.submit(self.model.entries, adapter.config, adapter.tensors)
+
     async def run_batch(self, rows: list[Row]) -> list[Any]:
         """The batcher's hook: each row's output dict, or the exception that row failed with."""
         return await self.call(self._run, rows)
@@ -244,6 +264,8 @@ class Engine:
     def close(self) -> None:
         """Stop the threads once their queued work is done."""
         self._tokenize_pool.shutdown(wait=True, cancel_futures=True)
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
         self._worker.shutdown(wait=True)
         if self._compute is not None:
             self._compute.shutdown(wait=True)

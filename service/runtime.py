@@ -105,6 +105,7 @@ class Service:
             max_input_tokens=s.max_input_tokens,
             split_cost_tokens=s.split_cost_tokens,
             compute_threads=s.compute_threads,
+            prefetch=s.prefetch,
         )
         self.hypernetworks = Hypernetworks(store=self.store, model=self.model, limits=self.limits)
         self.decoder = Decoder(
@@ -379,6 +380,7 @@ class Service:
                 except TimeoutError:
                     self.metrics.rejected.labels(reason="deadline").inc()
                     raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
+                self.engine.prefetch(adapter)
                 head = adapter.head
                 if head is not None and head.type == "embedding":
                     norm = head.normalize if normalize is None else normalize

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
             "one); empty: the CPUs this process may use. A GPU runs a batch as one forward."
         ),
     )
+    prefetch: bool = Field(
+        default=True,
+        description="Prepare a cold adapter's device-ready weights (Compacter's Kronecker products, the "
+        "copy to the device) on a thread of its own as soon as its request arrives, while earlier "
+        "batches run; its batch then only copies them into slots.",
+    )
     switch_interval_ms: float = Field(
         default=0.5,
         gt=0,

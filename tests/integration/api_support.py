@@ -66,6 +66,7 @@ HYPER = {
     "parallel": {"bottleneck_dim": 8, "scaling": 4.0},
     "ia3": {},
     "layernorm": {},
+    "compacter": {"variant": "compacter", "bottleneck_dim": 8, "phm_dim": 4},
 }
 
 

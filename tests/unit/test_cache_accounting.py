@@ -174,7 +174,7 @@ class RefusingModel:
         self.held: dict[int, str] = {}
         self.evicted: list[int] = []
 
-    def load(self, slot, config, tensors, *, hypernetwork=None) -> None:  # type: ignore[no-untyped-def]
+    def load(self, slot, config, tensors, *, hypernetwork=None, entries=None) -> None:  # type: ignore[no-untyped-def]
         if config == self.refuse:
             raise RuntimeError("copy failed")
         self.held[slot] = config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -35,10 +36,12 @@ class FakeModel:
     def __init__(self, slots: int) -> None:
         self.num_slots = slots
         self.held: dict[int, str] = {}
+        self.given: list[object] = []
 
-    def load(self, slot, config, tensors, *, hypernetwork=None) -> None:  # type: ignore[no-untyped-def]
+    def load(self, slot, config, tensors, *, hypernetwork=None, entries=None) -> None:  # type: ignore[no-untyped-def]
         assert slot not in self.held, f"slot {slot} loaded while still holding {self.held[slot]}"
         self.held[slot] = config
+        self.given.append(entries)
 
     def evict(self, slot: int) -> None:
         self.held.pop(slot, None)
@@ -200,3 +203,43 @@ def test_eviction_is_size_aware_a_large_adapter_leaves_before_a_small_older_one(
     for i in range(12):
         device.assign([named(f"n{i}", nbytes=10)])
     assert "small" not in resident(device) and "n11" in resident(device)
+
+
+# -- prepared entries (prefetch) -----------------------------------------------------------------
+
+
+def _future(*, result=None, error: Exception | None = None) -> Future:
+    f: Future = Future()
+    if error is not None:
+        f.set_exception(error)
+    else:
+        f.set_result(result)
+    return f
+
+
+def test_a_load_takes_the_prepared_entries_once() -> None:
+    """Entries a prefetch prepared go to the model's load, and the adapter lets go of them."""
+    device, model = slots(capacity=3, budget=100)
+    a = named("a")
+    a.prepared = _future(result=["entries of a"])
+    device.assign([a])
+    assert model.given == [["entries of a"]] and a.prepared is None
+
+
+def test_a_failed_preparation_leaves_the_load_to_prepare_them_itself() -> None:
+    """A prefetch that raised hands nothing over: the load computes (and reports) the entries itself."""
+    device, model = slots(capacity=3, budget=100)
+    a = named("a")
+    a.prepared = _future(error=ValueError("bad tensor"))
+    device.assign([a])
+    assert model.given == [None] and a.prepared is None
+
+
+def test_a_hit_drops_what_a_prefetch_prepared() -> None:
+    """Resident after all: the prepared entries are dropped, not kept in memory until a later load."""
+    device, model = slots(capacity=3, budget=100)
+    a = named("a")
+    device.assign([a])
+    a.prepared = _future(result=["stale"])
+    device.assign([a])
+    assert model.given == [None] and a.prepared is None

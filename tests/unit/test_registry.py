@@ -49,7 +49,7 @@ class StubDecoder(Decoder):
 class FailingModel(FakeModel):
     """Refuses to load an adapter whose config says so (a device error during activation)."""
 
-    def load(self, slot, config, tensors, *, hypernetwork=None) -> None:  # type: ignore[no-untyped-def]
+    def load(self, slot, config, tensors, *, hypernetwork=None, entries=None) -> None:  # type: ignore[no-untyped-def]
         if config.fail:
             raise RuntimeError("device refused the adapter")
         super().load(slot, config, tensors, hypernetwork=hypernetwork)
