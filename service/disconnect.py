@@ -32,10 +32,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # Cancelled ourselves (server shutdown): take the work down with us. Work that already
+        # failed has its exception retrieved here, or asyncio would log it as never retrieved.
+        if not task.cancel() and not task.cancelled():
+            task.exception()
+        raise
     finally:
-        # Cancelled ourselves (server shutdown): take the work down with us.
-        if not task.done() and not watch.done():
-            task.cancel()
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch
