@@ -7,10 +7,12 @@ rank unit). Per-slot vectors (biases, scales, norms) are pools of one row per sl
 holds the buffer's fill value, the identity: an empty slot reads it, and so do the padding
 positions of a gather over rows of different ranks (zero rows contribute 0, exactly).
 
-Allocation bumps a top pointer; freed rows stay dead until the pool runs out of room, then live
-ranges are compacted to the front (one gather per buffer) and, when less than an eighth would be
-left free, the pool grows to 1.25x what it needs. Compaction and growth copy on the thread that
-loads, under the model's exclusive lock, so forwards never see a half-moved pool.
+Allocation takes the smallest freed range that fits (an evicted adapter's rows, usually taken
+again by one of the same size: eviction churn then moves nothing), else bumps a top pointer.
+When the pool runs out of room, live ranges are compacted to the front (one gather per buffer)
+and, when less than an eighth would be left free, the pool grows to 1.25x what it needs.
+Compaction and growth copy on the thread that loads, under the model's exclusive lock, so
+forwards never see a half-moved pool.
 
 Forwards read a slot's rows as a view (`span`) when every row uses one slot, and otherwise gather
 every row's rows by one `index_select` with indices computed on the host (`index`), so deciding
@@ -57,6 +59,8 @@ class Pool:
         self.offset = np.zeros(slots, dtype=np.int64)
         self.count = np.zeros(slots, dtype=np.int64)
         self.top = 1
+        # (offset, rows) of freed ranges below `top`, reused before the pool compacts
+        self._dead: list[tuple[int, int]] = []
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -108,7 +112,9 @@ class Pool:
     # -- allocation (the loading thread, under the model's exclusive lock) -----------------------
 
     def free(self, slot: int) -> None:
-        """Give a slot's rows back (they are reused after the next compaction)."""
+        """Give a slot's rows back: a later write of as many rows or fewer may take them."""
+        if self.count[slot]:
+            self._dead.append((int(self.offset[slot]), int(self.count[slot])))
         self.offset[slot] = 0
         self.count[slot] = 0
 
@@ -128,9 +134,11 @@ class Pool:
             return
         for name, v in values.items():
             self._widen(name, tuple(v.shape[1:]))
-        self._room(n)
-        off = self.top
-        self.top += n
+        off = self._reuse(n)
+        if off is None:
+            self._room(n)
+            off = self.top
+            self.top += n
         self.offset[slot], self.count[slot] = off, n
         for name in self.names:
             rows = self.buffer(name)[off : off + n]
@@ -157,6 +165,17 @@ class Pool:
             pad += [0, wider[d] - room[d]]
         setattr(self.owner, name, F.pad(buf, pad))
 
+    def _reuse(self, n: int) -> int | None:
+        """The start of the smallest dead range of at least n rows (its rest stays dead), or None."""
+        fits = [i for i, (_, rows) in enumerate(self._dead) if rows >= n]
+        if not fits:
+            return None
+        i = min(fits, key=lambda j: self._dead[j][1])
+        off, rows = self._dead.pop(i)
+        if rows > n:
+            self._dead.append((off + n, rows - n))
+        return off
+
     def _room(self, n: int) -> None:
         cap = self.capacity
         if self.top + n <= cap:
@@ -167,6 +186,7 @@ class Pool:
 
     def compact(self) -> None:
         """Move every live range to the front, in offset order."""
+        self._dead = []  # every dead row is reclaimed below
         live = np.flatnonzero(self.count)
         live = live[np.argsort(self.offset[live])]
         if len(live) == 0:
@@ -210,6 +230,7 @@ class Pool:
         self.count[:] = 0
         self.offset[slot], self.count[slot] = 1, n
         self.top = 1 + n
+        self._dead = []
 
     # -- reads (forwards) -------------------------------------------------------------------------
 

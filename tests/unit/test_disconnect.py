@@ -24,6 +24,16 @@ class FakeRequest:
         return {"type": "http.disconnect"}
 
 
+async def held(started: asyncio.Event, cancelled: asyncio.Event) -> None:
+    """Work that runs until cancelled, and says when it started and when it was cancelled."""
+    started.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
 async def test_the_answer_is_returned_while_the_client_stays() -> None:
     assert await unless_disconnected(FakeRequest(), asyncio.sleep(0, result=42)) == 42
 
@@ -31,15 +41,7 @@ async def test_the_answer_is_returned_while_the_client_stays() -> None:
 async def test_a_client_that_goes_cancels_the_work() -> None:
     request, started, cancelled = FakeRequest(), asyncio.Event(), asyncio.Event()
 
-    async def work() -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    handler = asyncio.ensure_future(unless_disconnected(request, work()))
+    handler = asyncio.ensure_future(unless_disconnected(request, held(started, cancelled)))
     await started.wait()
     request.gone.set()
     with pytest.raises(ClientDisconnected):
@@ -50,15 +52,7 @@ async def test_a_client_that_goes_cancels_the_work() -> None:
 async def test_a_cancelled_handler_cancels_running_work() -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def work() -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    handler = asyncio.ensure_future(unless_disconnected(FakeRequest(), work()))
+    handler = asyncio.ensure_future(unless_disconnected(FakeRequest(), held(started, cancelled)))
     await started.wait()
     handler.cancel()
     with pytest.raises(asyncio.CancelledError):
