@@ -11,6 +11,7 @@ import pytest
 
 import adapters.backbone
 import adapters.training.cli as cli
+import adapters.training.trainer
 from adapters.training.data import DataError, read_examples
 
 
@@ -26,7 +27,8 @@ def no_training(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("reached the backbone or the training loop")
 
-    monkeypatch.setattr(cli, "train", refuse)
+    # the command imports both where it runs them, so patching their modules reaches it
+    monkeypatch.setattr(adapters.training.trainer, "train", refuse)
     monkeypatch.setattr(adapters.backbone, "load_backbone", refuse)
 
 
