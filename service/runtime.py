@@ -380,7 +380,6 @@ class Service:
                 except TimeoutError:
                     self.metrics.rejected.labels(reason="deadline").inc()
                     raise DeadlineExceeded("the adapter did not load before the request's deadline") from None
-                self.engine.prefetch(adapter)
                 head = adapter.head
                 if head is not None and head.type == "embedding":
                     norm = head.normalize if normalize is None else normalize
@@ -403,6 +402,9 @@ class Service:
                 # interpreter lock, slowed to a fifth (bench/http.py at 256 connections).
                 await self.pause(min(exc.retry_after, s.refusal_pause_ms / 1000))
                 raise
+            if adapter is not None:
+                # Admitted, so its batch will come: what it prepares is not held for a refused request.
+                self.engine.prefetch(adapter)
             try:
                 encoded = await self._encode(
                     inputs, max_tokens=self.backbone.pooling.max_tokens if bare else None, truncate=truncate

@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 import pytest
-from api_support import Reference, WorkerGate, admin, make_artifact, multipart, tiny_backbone
+from api_support import Reference, WorkerGate, admin, make_artifact, multipart, tiny_backbone, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -83,4 +83,30 @@ async def test_a_resident_adapter_is_not_prepared_again(running, artifacts):
         calls, _ = spy_entries(service.model)
         for _ in range(3):
             assert (await client.post("/v1/tasks/t/predict", json={"inputs": TEXTS})).status_code == 200
+        assert calls == []
+
+
+async def test_a_refused_request_prepares_nothing(running, artifacts):
+    """A request the full queue cannot take is answered 429 and leaves no prepared weights behind."""
+    async with running(slots=3, max_queue=2, max_inputs=2) as (app, client):
+        service = app.state.service
+        spec = service.backbone.spec
+        for task, method in (("warm", "ia3"), ("cold", "compacter")):
+            d = make_artifact(artifacts, task, method, spec, seed=1)
+            assert (
+                await client.post(f"/v1/adapters/{task}", files=multipart(d), headers=admin())
+            ).status_code == 201
+        assert (await client.post("/v1/tasks/warm/predict", json={"inputs": TEXTS})).status_code == 200
+        service.device_slots.evict_where([k for k in service.device_slots.resident_keys() if k[0] == "cold"])
+        calls, _ = spy_entries(service.model)
+        batcher = service.batcher
+        async with WorkerGate(service) as gate:
+            warm = [asyncio.ensure_future(client.post("/v1/tasks/warm/predict", json={"inputs": TEXTS}))]
+            await until(lambda: batcher.in_flight == 2)  # the first is the batch waiting for the worker
+            warm.append(asyncio.ensure_future(client.post("/v1/tasks/warm/predict", json={"inputs": TEXTS})))
+            await until(lambda: batcher.queue_depth == 2)  # the second fills the queue
+            r = await client.post("/v1/tasks/cold/predict", json={"inputs": ["a"]})
+            assert r.status_code == 429, r.text
+            gate.open()
+            assert [(await w).status_code for w in warm] == [200, 200]
         assert calls == []
