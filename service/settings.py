@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     prefetch: bool = Field(
         default=True,
         description="Prepare a cold adapter's device-ready weights (Compacter's Kronecker products, the "
-        "copy to the device) on a thread of its own as soon as its request arrives, while earlier "
+        "copy to the device) on a thread of its own as soon as its request is admitted, while earlier "
         "batches run; its batch then only copies them into slots.",
     )
     switch_interval_ms: float = Field(
