@@ -167,11 +167,10 @@ class Pool:
 
     def _reuse(self, n: int) -> int | None:
         """The start of the smallest dead range of at least n rows (its rest stays dead), or None."""
-        fits = [i for i, (_, rows) in enumerate(self._dead) if rows >= n]
+        fits = [(rows, i) for i, (_, rows) in enumerate(self._dead) if rows >= n]
         if not fits:
             return None
-        i = min(fits, key=lambda j: self._dead[j][1])
-        off, rows = self._dead.pop(i)
+        off, rows = self._dead.pop(min(fits)[1])
         if rows > n:
             self._dead.append((off + n, rows - n))
         return off

@@ -434,10 +434,9 @@ class DeviceSlots:
         self._free.append(slot)
         self.m.evictions.inc()
         self.m.tier_evictions.labels(tier="device").inc()
+        self._changed = True
         if publish:
             self._publish()
-        else:
-            self._changed = True
         return True
 
     def evict_generated(self, live: Callable[[object], bool]) -> list[Key]:
@@ -445,15 +444,16 @@ class DeviceSlots:
         with self._lock:
             generated = [(k, net) for k, net in self._nets.items() if net is not None]
         stale = [k for k, net in generated if not live(net)]
-        for key in stale:
-            self.evict(key)
+        self.evict_where(stale)
         return stale
 
     def evict_where(self, keys: Iterable[Key]) -> None:
-        """Evict every resident key among `keys`."""
+        """Evict every resident key among `keys`, then publish the gauges once."""
         for key in list(keys):
             with contextlib.suppress(KeyError):
-                self.evict(key)
+                self.evict(key, publish=False)
+        if self._changed:
+            self._publish()
 
     def resident_keys(self) -> list[Key]:
         """Every resident key, least recently used first."""
