@@ -29,17 +29,39 @@ from bench.common import emit, environment, log, setup
 
 __all__ = ["HYPER_METHODS", "METHODS", "ROW_NAMES", "TASKS", "main", "render"]
 
-TASKS = ("SST-2", "MRPC", "RTE", "STS-B")
-METHODS = ("full", "bottleneck", "parallel", "lora", "prefix", "compacter", "tiny_attention")
+TASKS = ("SST-2", "MRPC", "CoLA", "RTE", "STS-B")
+METHODS = (
+    "full",
+    "bottleneck",
+    "pfeiffer",
+    "parallel_plain",
+    "parallel",
+    "mh_parallel",
+    "lora",
+    "peft_lora",
+    "ia3",
+    "prefix",
+    "mam",
+    "compacter",
+    "compacter_pp",
+    "phm",
+    "tiny_attention",
+)
+"""Every per-task row of the seed papers' methods, and the peer's LoRA (`peft_lora`)."""
 ROW_NAMES = {
     "full": "full fine-tuning",
     "bottleneck": "Houlsby (bottleneck 32, attn+FFN)",
+    "pfeiffer": "Pfeiffer (bottleneck 64, FFN)",
+    "parallel_plain": "parallel (64, FFN, s=1)",
     "parallel": "scaled parallel (64, FFN, s=4)",
     "lora": "LoRA (r=8, q+v)",
+    "peft_lora": "PEFT's LoRA (r=8, q+v)",
     "prefix": "prefix tuning (16)",
     "compacter": "Compacter (48, n=4)",
+    "compacter_pp": "Compacter++ (48, n=4, FFN)",
+    "phm": "PHM adapter (48, n=4)",
     "tiny_attention": "tiny-attention (E=8)",
-    "ia3": "IA3",
+    "ia3": "IA3 (k, v, FFN)",
     "mam": "MAM (prefix 16 + parallel 16)",
     "mh_parallel": "MH parallel (4 per head)",
     "layernorm": "LayerNorm only",
@@ -47,6 +69,16 @@ ROW_NAMES = {
     "hyper_new": "Hyperformer++ new task (embedding + head only)",
 }
 """Row labels: each method with the default hyperparameters (`METHOD_DEFAULTS`) it trains with."""
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "pfeiffer": ("bottleneck", {"sites": ["ffn"], "bottleneck_dim": 64}),
+    "parallel_plain": ("parallel", {"scaling": 1.0}),
+    "compacter_pp": ("compacter", {"variant": "compacter++"}),
+    "phm": ("compacter", {"variant": "phm"}),
+}
+"""Rows that are a trainer method with other hyperparameters: (method, overrides of its defaults).
+Pfeiffer is as wide as the Houlsby row is in all (one site instead of two)."""
+PEER_ROWS = {"peft_lora": "lora"}
+"""Rows trained by the peer library, each with the learning rate of our method it is compared with."""
 HYPER_METHODS = ("hyper_multi", "hyper_new")
 """Rows from a hypernetwork: generated bottleneck adapters (`adapters.training.hyper`), not per-task ones."""
 HYPER_REFERENCE = "bottleneck"
@@ -167,7 +199,39 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     out += _summary(summary, config=config)
     out += _shortfalls(summary, by_task=by_task, config=config)
     out += _hyper_summary(by_task, config=config)
+    out += _peer_summary(by_task)
     return "\n".join(out) + "\n"
+
+
+def _peer_summary(by_task: dict[str, list[dict]]) -> list[str]:
+    """Our method's row against the peer library's row of the same method, task and budget."""
+    lines = []
+    for peer, own in PEER_ROWS.items():
+        pairs = []
+        for task, rows in by_task.items():
+            theirs = next((r for r in rows if r["method"] == peer), None)
+            ours = next((r for r in rows if r["method"] == own), None)
+            if theirs is not None and ours is not None:
+                pairs.append((task, ours["dev"]["score"] - theirs["dev"]["score"]))
+        if not pairs:
+            continue
+        mean = sum(d for _, d in pairs) / len(pairs)
+        cells = ", ".join(f"{t} {100 * d:+.1f}" for t, d in pairs)
+        verdict = "at or above" if round(100 * mean, 1) >= 0 else "below"
+        lines.append(f"| {ROW_NAMES[own]} - {ROW_NAMES[peer]} | {cells} | {100 * mean:+.1f} | {verdict} |")
+    if not lines:
+        return []
+    return [
+        "## Against the peer library",
+        "",
+        "Our row minus the peer library's row of the same method, at the same budget and learning rate "
+        "(points; positive: ours is better).",
+        "",
+        "| rows | per task | mean | ours is |",
+        "|---|---|---:|---|",
+        *lines,
+        "",
+    ]
 
 
 HYPER_GOALS = {"hyper_multi": 0.01, "hyper_new": 0.03}
@@ -388,10 +452,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from adapters.backbone import load_backbone
     from adapters.training.data import load_glue
-    from adapters.training.trainer import TrainOptions, train
+    from adapters.training.trainer import DEFAULT_LR, TrainOptions, train
+    from bench.quality_peft import train_peft_lora
 
     tasks = _names(args.tasks)
     methods = _names(args.methods)
+    unknown = [m for m in methods if m not in ROW_NAMES or m in HYPER_METHODS]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}: choose from {', '.join(METHODS)}, ia3, layernorm")
     hyper_tasks, hyper_new = _names(args.hyper_tasks), _names(args.hyper_new)
     if set(hyper_tasks) & set(hyper_new):
         raise SystemExit("--hyper-new tasks must be new to the hypernetwork: not in --hyper-tasks")
@@ -492,10 +560,16 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for seed in range(args.seed, args.seed + args.seeds):
                 log(f"{task_name} {method}: training (seed {seed})")
+                if method in PEER_ROWS:
+                    own = PEER_ROWS[method]
+                    lr = lr_for.get(method) or lr_for.get(own) or DEFAULT_LR[own]
+                    results.append(_Peer(train_peft_lora(task, options=options(task_name, seed=seed), lr=lr)))
+                    continue
                 # a fresh backbone per run: training wraps its projections, and `full` changes its weights
                 backbone = load_backbone(device="cpu", dtype="float32")
                 opts = options(task_name, seed=seed, lr=lr_for.get(method))
-                results.append(train(backbone, task, method=method, options=opts))
+                base_method, hyper = VARIANTS.get(method, (method, None))
+                results.append(train(backbone, task, method=base_method, hyper=hyper, options=opts))
             result = results[0]
             dev, std = mean_std([r.dev for r in results])
             row = _row(
@@ -527,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     args.out.write_text(render(rows=rows, config=config, complete=True), encoding="utf-8")
     return 0
+
+
+class _Peer:
+    """A peer row's result with the attributes of a `TrainResult` that a row reads."""
+
+    def __init__(self, result: dict):
+        self.__dict__.update(result)
 
 
 def _row(
