@@ -361,6 +361,12 @@ class MultiTaskModel(nn.Module):
             hidden = self._encode(input_ids, attention_mask, **kwargs)
             return head(hidden, attention_mask, self._pooler())
 
+    def lm_forward(self, input_ids, attention_mask, *, slot: int = 1, **kwargs) -> torch.Tensor:
+        """Differentiable language-model logits with every row on one slot (1: the adapter in training)."""
+        slots = torch.full((input_ids.shape[0],), slot, dtype=torch.long, device=input_ids.device)
+        with self.router.route(slots, attention_mask=attention_mask):
+            return self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
     def pooler(self) -> nn.Module | None:
         """The backbone's own pooler (BERT's dense + tanh over the first token), if it has one."""
         return self._pooler()

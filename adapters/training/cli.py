@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 # Only light imports here: `adapterserve upload`/`serve`/`--help` build this parser too, and must not
 # pay for torch; every command below imports the model code it runs.
-from adapters.training.names import EMBEDDING, FULL, HYPER_DEFAULTS, HYPER_LR, TRAINABLE_METHODS
+from adapters.training.names import EMBEDDING, FULL, GENERATION, HYPER_DEFAULTS, HYPER_LR, TRAINABLE_METHODS
 from adapters.training.progress import METRICS_FILE
 
 if TYPE_CHECKING:
@@ -108,10 +108,17 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--task-type",
-        choices=("auto", "classification", "regression", "embedding"),
+        choices=("auto", "classification", "regression", "embedding", "generation"),
         default="auto",
         help="auto: regression when the targets are floats; embedding: sentence pairs with similarity "
-        "scores, trained by cosine (an embedding task, served on /v1/embeddings)",
+        "scores, trained by cosine (an embedding task, served on /v1/embeddings); generation: the label "
+        "column is the text to write (T5, BART, GPT-2, Llama backbones; served as generated_text)",
+    )
+    data.add_argument(
+        "--max-target-length",
+        type=int,
+        default=64,
+        help="generation: tokens per target, its end-of-sequence token included",
     )
     m = p.add_argument_group("method")
     m.add_argument(
@@ -193,6 +200,12 @@ def task_data(args: argparse.Namespace) -> TaskData:
     train_ex = read_examples(args.train_file, **cols)
     dev_ex = read_examples(args.dev_file, **cols) if args.dev_file else []
     column = args.label_column
+    if args.task_type == GENERATION:
+        from adapters.training.generative import GENERATION_METRICS
+
+        # the targets are free text: the reader has already refused empty ones
+        name = args.task or args.train_file.stem
+        return TaskData(name, train_ex, dev_ex, GENERATION, [], GENERATION_METRICS, column)
     if args.task_type in ("regression", EMBEDDING):
         check_targets(train_ex, kind="regression", labels=[], column=column)
     kind, labels = infer_task([e.label for e in train_ex], kind="regression" if embedding else args.task_type)
@@ -223,6 +236,7 @@ _OPTION_FLAGS = (
     "max_train_examples",
     "max_dev_examples",
     "max_length",
+    "max_target_length",
     "eval_every",
     "patience",
     "checkpoint_every",

@@ -32,8 +32,8 @@ def bank_config(config) -> BankConfig:
         "layernorm": bool(config.layernorm),
         "mh_parallel_max_dim": 0,
         "tiny_max_dim": 0,
-        "head_max_outputs": max(config.head.num_outputs, 1),
-        "head_two_layer": config.head.layers == 2,
+        "head_max_outputs": max(config.head.num_outputs, 1) if config.head is not None else 0,
+        "head_two_layer": config.head is not None and config.head.layers == 2,
         "bottleneck_post_norm": getattr(config, "placement", "output") == "post_norm",
     }
     if m == "lora":
@@ -87,7 +87,8 @@ def _token_prefixes(
 
                 hooks.append(layer.get_submodule(arch.layer[stack][proj]).register_forward_hook(hook))
     try:
-        core(input_ids=ids.to(bb.device), attention_mask=torch.ones_like(ids, device=bb.device))
+        # the encoder alone: a seq2seq model's full forward would also want decoder inputs
+        model._encode(ids.to(bb.device), torch.ones_like(ids, device=bb.device))
     finally:
         for h in hooks:
             h.remove()
@@ -115,6 +116,6 @@ def init_tensors(
         out |= {k: v for k, v in _token_prefixes(model, config.prefix_length, generator).items() if k in out}
     for k, s in head.items():
         out[k] = torch.randn(s, generator=generator) * 0.02 if k.endswith("weight") else torch.zeros(s)
-    if config.head.type == "regression":
+    if config.head is not None and config.head.type == "regression":
         out["head.out.bias"] = torch.full(head["head.out.bias"], target_mean)
     return {k: v.float() for k, v in out.items()}

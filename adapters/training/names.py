@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-__all__ = ["EMBEDDING", "FULL", "HYPER_DEFAULTS", "HYPER_LR", "TRAINABLE_METHODS"]
+__all__ = ["EMBEDDING", "FULL", "GENERATION", "HYPER_DEFAULTS", "HYPER_LR", "TRAINABLE_METHODS"]
 
 FULL = "full"
 EMBEDDING = "embedding"
 """The task kind of sentence-pair similarity trained by cosine (`adapters.training.embedding`)."""
+GENERATION = "generation"
+"""The task kind of text-to-text and continuation tasks on generative backbones (`adapters.training.generative`)."""
 
 TRAINABLE_METHODS = (
     "bottleneck",

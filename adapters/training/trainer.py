@@ -42,8 +42,9 @@ from adapters.training.data import (
     tokenize,
 )
 from adapters.training.embedding import PairData, cosine_loss, evaluate_pairs, score_range
+from adapters.training.generative import TextPairs, evaluate_generation, lm_loss
 from adapters.training.init import bank_config, init_tensors
-from adapters.training.names import EMBEDDING, FULL
+from adapters.training.names import EMBEDDING, FULL, GENERATION
 from adapters.training.prefix import PrefixMLP
 from adapters.training.progress import METRICS_FILE, Progress
 from store.artifact import parse_config
@@ -124,6 +125,8 @@ class TrainOptions:
     max_dev_examples: int | None = None
     max_length: int = 128
     """Tokens per input (pairs truncated longest-first)."""
+    max_target_length: int = 64
+    """Generation tasks: tokens per target, its end-of-sequence token included."""
     eval_every: int | None = None
     """Evaluate on dev every this many steps; None: after every epoch."""
     patience: int | None = None
@@ -178,17 +181,40 @@ def build_config(
 ):
     """The artifact config of a method: its defaults, then `hyper`, then head and LayerNorm settings."""
     opts = options or TrainOptions()
-    if kind == EMBEDDING:
+    if kind == GENERATION:
+        # the backbone's own language-model head writes the answer
+        head = None
+    elif kind == EMBEDDING:
         # no weights: the task's answer is its pooled, normalised sentence vector
         head = {"type": "embedding", "pooling": opts.pooling}
     else:
         head = {"type": kind, "labels": labels if kind != "regression" else [], "pooling": opts.pooling}
         head["layers"] = opts.head_layers
-    raw = {"method": "layernorm", "layernorm": False} if method == FULL else dict(METHOD_DEFAULTS[method])
+    raw = (
+        {"method": "layernorm", "layernorm": False}
+        if method == FULL
+        else _served_defaults(METHOD_DEFAULTS[method], backbone)
+    )
     if method != FULL:
         raw |= {"method": method, **(hyper or {}), "layernorm": opts.train_layernorm or method == "layernorm"}
     raw |= {"head": head, "backbone_fingerprint": backbone.spec.fingerprint, "metadata": metadata or {}}
     return parse_config(raw)
+
+
+def _served_defaults(defaults: dict, backbone: Backbone) -> dict:
+    """A method's defaults with target projections this backbone has: q, k, v become GPT-2's fused qkv."""
+    have = {site for sites in backbone.arch.layer.values() for site in sites}
+    out = dict(defaults)
+    for key in ("targets", "feedforward"):
+        if key not in out:
+            continue
+        kept: list[str] = []
+        for t in out[key]:
+            t = "qkv" if t in ("q", "k", "v") and t not in have and "qkv" in have else t
+            if t in have and t not in kept:
+                kept.append(t)
+        out[key] = kept or out[key]
+    return out
 
 
 def _head_logits(out, config) -> torch.Tensor:
@@ -278,12 +304,25 @@ def train(
     train_ex = subset(task.train, opts.max_train_examples, g)
     dev_ex = subset(task.dev, opts.max_dev_examples, g)
     embedding = task.kind == EMBEDDING
+    generation = task.kind == GENERATION
+    if generation and not backbone.generative:
+        raise ValueError(
+            f"a generation task needs a generative backbone (T5, BART, GPT-2, Llama); {backbone.spec.name} is not"
+        )
     if embedding:
         low, high = score_range(train_ex)
         pair_kw = {"max_length": opts.max_length, "pad_id": pad}
         pairs = PairData(tok, train_ex, batch_size=opts.batch_size, **pair_kw)
         dev_pairs = PairData(tok, dev_ex, batch_size=64, **pair_kw)
         train_data, dev_data = pairs.first.data, dev_pairs.first.data
+    elif generation:
+        gen_kw = {
+            "max_length": opts.max_length,
+            "max_target_length": opts.max_target_length,
+            "decoder_only": backbone.decoder_only,
+        }
+        texts, dev_texts = TextPairs(tok, train_ex, **gen_kw), TextPairs(tok, dev_ex, **gen_kw)
+        train_data, dev_data = texts.data, dev_texts.data
     else:
         enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
         train_data, dev_data = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
@@ -298,6 +337,8 @@ def train(
         k: nn.Parameter(v.to(backbone.device, backbone.dtype))
         for k, v in init_tensors(config, model, generator=g, options=opts, target_mean=target_mean).items()
     }
+    if method != FULL and not any(not k.startswith("head.") for k in tensors):
+        raise ValueError(f"{method} has no site to adapt on this backbone ({backbone.spec.family})")
     named: dict[str, nn.Parameter] = dict(tensors)
     reparam = None
     mid = PREFIX_MLP if opts.prefix_mlp is None else opts.prefix_mlp
@@ -390,6 +431,8 @@ def train(
     )
 
     def score(cfg, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        if generation:
+            return evaluate_generation(model, cfg, weights, dev_texts)
         if embedding:
             return evaluate_pairs(model, cfg, weights, dev_pairs, metrics=task.metrics)
         return evaluate(model, cfg, weights, dev, metrics=task.metrics)
@@ -397,6 +440,9 @@ def train(
     if embedding:
         # the baseline of an embedding task is the plain backbone's own sentence vectors (slot 0)
         base = evaluate_pairs(model, config, None, dev_pairs, metrics=task.metrics) if len(dev_data) else {}
+    if generation:
+        # and of a generation task, the plain backbone's own outputs
+        base = evaluate_generation(model, config, None, dev_texts)
     session = time.perf_counter()
     backbone.model.train(opts.dropout)
     try:
@@ -407,6 +453,8 @@ def train(
             model.bind(fit_config, current())
             if embedding:
                 loss = cosine_loss(model, pairs, idx, head=config.head, low=low, high=high)
+            elif generation:
+                loss = lm_loss(model, texts, idx)
             else:
                 ids, mask, y = batches.collate(idx)
                 dev_ = backbone.device
@@ -454,7 +502,7 @@ def train(
                 p.requires_grad_(False)
     best = loop["best"]
     history = loop["history"]
-    if not embedding:
+    if not embedding and not generation:
         base = (
             baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics)
             if len(dev_data)
