@@ -138,14 +138,8 @@ class Work:
     all_scores: bool = False
     raw_scores: bool = False
     """Set: a classifier row also answers its head's raw logits, by label (`logits`)."""
-    max_new_tokens: int = 0
     embed: Embed | None = None
     """Set: the row's answer is its sentence vector, not its head's output."""
-
-    @property
-    def generates(self) -> bool:
-        """Whether the row is generation (no task head, no embedding) rather than an encoder row."""
-        return self.embed is None and (self.adapter is None or self.adapter.head is None)
 
     @property
     def key(self):
@@ -307,27 +301,25 @@ class Engine:
     def _run(self, rows: list[Row]) -> list[Any]:
         works: list[Work] = [r.payload for r in rows]
         results: list[Any] = [None] * len(rows)
-        for generates in (False, True):
-            idx = [i for i, w in enumerate(works) if w.generates == generates]
-            if not idx:
-                continue
-            adapters = list({works[i].key: works[i].adapter for i in idx if works[i].adapter}.values())
-            # Rows of the backbone alone (slot 0) ride along with the first group.
-            bare = [i for i in idx if works[i].adapter is None]
-            for n, group in enumerate(self.device.plan(adapters) or [[]]):
-                keys = {a.key for a in group}
-                part = (bare if n == 0 else []) + [i for i in idx if works[i].key in keys]
-                try:
-                    slots = self.device.assign(group) if group else {}
-                    slots[None] = 0
-                    sub = [works[i] for i in part]
-                    outs = self._generate(sub, slots) if generates else self._classify(sub, slots)
-                except Exception as exc:
-                    # One task's failure (a load, a bad input) must not fail the other tasks' rows.
-                    log.warning("batch part of %d rows failed: %s", len(part), exc)
-                    outs = [exc] * len(part)
-                for i, o in zip(part, outs, strict=True):
-                    results[i] = o
+        if not works:
+            return results
+        adapters = list({w.key: w.adapter for w in works if w.adapter}.values())
+        # Rows of the backbone alone (slot 0) ride along with the first group.
+        bare = [i for i, w in enumerate(works) if w.adapter is None]
+        for n, group in enumerate(self.device.plan(adapters) or [[]]):
+            keys = {a.key for a in group}
+            part = (bare if n == 0 else []) + [i for i, w in enumerate(works) if w.key in keys]
+            try:
+                slots = self.device.assign(group) if group else {}
+                slots[None] = 0
+                sub = [works[i] for i in part]
+                outs = self._classify(sub, slots)
+            except Exception as exc:
+                # One task's failure (a load, a bad input) must not fail the other tasks' rows.
+                log.warning("batch part of %d rows failed: %s", len(part), exc)
+                outs = [exc] * len(part)
+            for i, o in zip(part, outs, strict=True):
+                results[i] = o
         return results
 
     def _pad(self, works: list[Work], *, left: bool) -> dict[str, torch.Tensor]:
@@ -416,26 +408,6 @@ class Engine:
             arr = vec.cpu().numpy()
             for k, j in enumerate(rows):
                 out[j] = {"embedding": arr[k]}
-
-    def _generate(self, works: list[Work], slots: dict) -> list[dict]:
-        batch = self._pad(works, left=self.decoder_only)
-        slot_ids = [slots[w.key] for w in works]
-        longest = max(w.max_new_tokens for w in works)
-        started = time.perf_counter()
-        tokens = self.model.generate(
-            batch["input_ids"], batch["attention_mask"], slot_ids, max_new_tokens=longest
-        ).cpu()
-        self._observe(works, started)
-        # Seq2seq output starts with the decoder start token; greedy decoding makes a shorter run a prefix.
-        skip = 0 if self.decoder_only else 1
-        return [
-            {
-                "generated_text": self.tokenizer.decode(
-                    tokens[j, skip : skip + w.max_new_tokens].tolist(), skip_special_tokens=True
-                )
-            }
-            for j, w in enumerate(works)
-        ]
 
     def warm_up(self) -> None:
         """One backbone-only forward (slot 0), so the first request does not pay for lazy set-up."""

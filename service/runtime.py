@@ -393,6 +393,10 @@ class Service:
             if generates and any(not isinstance(x, str) for x in inputs):
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
             n_new = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
+            if generates and self.generations is not None:
+                return await self._generate(
+                    task, adapter, version, inputs, max_new_tokens=n_new, truncate=truncate, deadline=deadline
+                )
             # Room in the queue first: requests waiting for the tokenizer count against it too.
             try:
                 self.batcher.reserve(len(inputs))
@@ -419,7 +423,6 @@ class Service:
                             encoded=e,
                             all_scores=all_scores,
                             raw_scores=raw_scores,
-                            max_new_tokens=n_new,
                             embed=embed,
                         ),
                     )
@@ -439,6 +442,60 @@ class Service:
         finally:
             if lease is not None:
                 self.registry.release(lease)
+
+    async def _generate(
+        self,
+        task: str,
+        adapter,
+        version: int,
+        inputs: list,
+        *,
+        max_new_tokens: int,
+        truncate: bool,
+        deadline: float,
+    ) -> Answer:
+        """A predict request's greedy generations, decoded in the loop that serves completions.
+
+        Its rows join the running batch at the next step and leave it when they end, so a long
+        generation never holds a short one back; the caller keeps the task's lease until they end.
+        """
+        encoded = [e.ids for e in await self._encode(inputs, max_tokens=None, truncate=truncate)]
+        self._check_budget(encoded, max_new_tokens)
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        label = self.metrics.task_label(task, registered=True)
+        gens = [
+            Generation(
+                index=i,
+                adapter=adapter,
+                ids=ids,
+                sampling=Sampling(),
+                max_tokens=max_new_tokens,
+                stop=(),
+                events=events,
+                task_label=label,
+            )
+            for i, ids in enumerate(encoded)
+        ]
+        assert self.generations is not None
+        try:
+            self.generations.submit(gens)
+        except QueueFull as exc:
+            await self.pause(min(exc.retry_after, self.settings.refusal_pause_ms / 1000))
+            raise
+        tokens = sum(len(ids) for ids in encoded)
+        self.metrics.tokens.labels(task=label).inc(tokens)
+        completion = Completion(self, gens, events, None)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                results = await completion.collect()
+        except TimeoutError:
+            self.metrics.rejected.labels(reason="deadline").inc()
+            raise DeadlineExceeded("the generation did not end before the request's deadline") from None
+        finally:
+            completion.close()
+        return Answer(
+            version=version, outputs=[{"generated_text": text} for text, _ in results], tokens=tokens
+        )
 
     async def complete(
         self, task: str, prompts: list[str], *, max_tokens: int, sampling: Sampling, stop: tuple[str, ...]

@@ -682,6 +682,38 @@ async def test_metrics_are_complete_typed_and_task_label_is_bounded(running, art
 # -- generation --------------------------------------------------------------------------------------
 
 
+async def test_a_short_generation_is_not_held_back_by_a_long_one(running, artifacts):
+    """Predict's rows join the decoding loop step by step: a short request sent while a long one
+    decodes is answered first, and both equal generating each prompt alone."""
+    from api_support import reference_generation, tiny_gpt2_backbone
+
+    async with running(backbone=tiny_gpt2_backbone(), max_new_tokens=48) as (app, client):
+        spec = app.state.service.backbone.spec
+        loop = app.state.service.generations
+        config = {"method": "lora", "r": 4, "targets": ["qkv"], "backbone_fingerprint": spec.fingerprint}
+        d = write_artifact(artifacts / "gen", config, random_arrays(config, spec, seed=7, scale=2.0))
+        assert (await upload(client, "gen", d)).status_code == 201
+
+        def ask(prompt: str, n: int):
+            body = {"inputs": [prompt], "parameters": {"max_new_tokens": n}}
+            return asyncio.ensure_future(client.post("/v1/tasks/gen/predict", json=body))
+
+        long = ask("the movie was", 48)
+        await until(lambda: len(loop.batch) == 1)
+        short = await ask("bad", 2)
+        assert short.status_code == 200, short.text
+        assert not long.done()  # still decoding when the short one was answered
+        long = await long
+        assert (
+            long.json()["outputs"][0]["generated_text"]
+            == reference_generation(d, ["the movie was"], max_new_tokens=48)[0]
+        )
+        assert (
+            short.json()["outputs"][0]["generated_text"]
+            == reference_generation(d, ["bad"], max_new_tokens=2)[0]
+        )
+
+
 async def test_generative_backbone_returns_generated_text(running, artifacts):
     from api_support import reference_generation, tiny_gpt2_backbone
 
