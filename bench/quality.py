@@ -115,6 +115,9 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
     out = ["# Quality: adapter methods against full fine-tuning (GLUE dev, MiniLM-L6)", ""]
     if not complete:
         out += ["**Partial table**: the run stopped before every row was measured.", ""]
+        if config.get("missing"):
+            gaps = ", ".join(f"{t} {ROW_NAMES.get(m, m)}" for t, m in config["missing"])
+            out += [f"Not measured: {gaps}.", ""]
     out += [
         "Produced by `bench/quality.py`; the exact command"
         + (
@@ -447,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="reuse the rows of an earlier run's --json file that had the same budget (repeatable)",
     )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="only render the rows that --resume files hold; the others are listed as not measured",
+    )
     args = p.parse_args(argv)
     setup(threads=args.threads, seed=args.seed)
 
@@ -557,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             if done is not None:
                 add(done, fresh=False)
                 continue
+            if args.no_train:
+                config.setdefault("missing", []).append([task_name, method])
+                continue
             results = []
             for seed in range(args.seed, args.seed + args.seeds):
                 log(f"{task_name} {method}: training (seed {seed})")
@@ -599,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             add=add,
             args=args,
         )
-    args.out.write_text(render(rows=rows, config=config, complete=True), encoding="utf-8")
+    complete = not config.get("missing")
+    args.out.write_text(render(rows=rows, config=config, complete=complete), encoding="utf-8")
     return 0
 
 

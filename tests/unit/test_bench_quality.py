@@ -128,3 +128,53 @@ def test_several_seeds_show_mean_and_sample_std_against_the_statistics_module() 
     assert "| 81.5 ± 1.5 | 81.5 ± 1.5 | -3.5 |" in text
     assert "seeds 0 to 2 (each cell: mean ± sample standard deviation" in text
     assert mean_std(devs[:1]) == ({"accuracy": 0.80, "score": 0.80}, {})
+
+
+def _peer_table(text: str) -> list[str]:
+    section = text.split("## Against the peer library", 1)[1]
+    return [
+        c.strip()
+        for c in next(li for li in section.splitlines() if li.startswith("| LoRA")).strip("|").split("|")
+    ]
+
+
+def test_our_lora_is_compared_with_peft_s_lora_task_by_task():
+    """Our row minus PEFT's row per task, their mean, and the verdict from the rounded mean."""
+    rows = [
+        _row("SST-2", "full", 0.80),
+        _row("SST-2", "lora", 0.79),
+        _row("SST-2", "peft_lora", 0.80),  # ours -1.0
+        _row("RTE", "full", 0.58),
+        _row("RTE", "lora", 0.60),
+        _row("RTE", "peft_lora", 0.57),  # ours +3.0
+    ]
+    text = render(rows=rows, config=_config(methods=["full", "lora", "peft_lora"]), complete=True)
+    cells = _peer_table(text)
+    assert cells[1] == "SST-2 -1.0, RTE +3.0"
+    assert cells[2] == "+1.0" and cells[3] == "at or above"
+    rows[2] = _row("SST-2", "peft_lora", 0.84)  # ours -5.0: the mean is -1.0
+    assert _peer_table(
+        render(rows=rows, config=_config(methods=["full", "lora", "peft_lora"]), complete=True)
+    )[2:] == [
+        "-1.0",
+        "below",
+    ]
+
+
+def test_rows_not_measured_are_named_in_a_partial_table():
+    """`--no-train` renders what earlier runs measured and lists every (task, method) it lacks."""
+    config = _config(methods=["full", "lora"], missing=[["RTE", "lora"]])
+    text = render(
+        rows=[_row("SST-2", "full", 0.8), _row("SST-2", "lora", 0.79)], config=config, complete=False
+    )
+    assert "**Partial table**" in text
+    assert "Not measured: RTE LoRA (r=8, q+v)." in text
+
+
+def test_an_unknown_method_is_refused_before_any_training():
+    """A misspelt row name stops the run at once, naming the choices."""
+    from bench.quality import main
+
+    with pytest.raises(SystemExit, match="unknown --methods \\['lora2'\\]"):
+        main(["--methods", "full,lora2", "--tasks", "SST-2"])
+
