@@ -7,7 +7,9 @@ and a delete the store refuses leaving the task serving.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,3 +168,147 @@ async def test_deleting_a_version_that_is_current_is_refused_and_another_one_goe
     await reg.delete_version("t", 1)
     assert [i.version for i in reg.store.list_versions("tasks", "t")] == [2]
     assert (await reg.detail("t"))["method"] == "ia3"
+
+
+# -- leases, deletes under load, pins ------------------------------------------------------------
+
+
+async def test_leases_are_counted_one_per_request_and_a_second_release_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Three requests in flight hold three references; each release gives back exactly one."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    leases = [reg.lease("t") for _ in range(3)]
+    adapters = [await reg.ready(lease) for lease in leases]
+    assert adapters[0] is adapters[1] is adapters[2]
+    assert adapters[0].refs == 3
+    assert reg.leases_total() == 3 and (await reg.detail("t"))["in_flight"] == 3
+    reg.release(leases[0])
+    reg.release(leases[0])  # a second release of the same lease is a no-op
+    assert reg.leases_total() == 2 and adapters[0].refs == 2
+    reg.release(leases[1])
+    assert reg.leases_total() == 1 and adapters[0].refs == 1
+    reg.release(leases[2])
+    assert reg.leases_total() == 0 and adapters[0].refs == 0
+    assert dict(reg.state("t").leases) == {}
+
+
+async def test_a_lease_released_before_its_load_ends_cancels_only_its_own_wait(tmp_path: Path) -> None:
+    """A request that gives up while the version decodes holds nothing; the other waiter gets it."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    reg.host.drop(reg.host.keys_of("t", reg.state("t").uid))  # cold: the next lease decodes again
+    gate = threading.Event()
+    decode = reg.decoder.decode
+
+    def slow(**kw):
+        gate.wait(10)
+        return decode(**kw)
+
+    reg.decoder.decode = slow  # type: ignore[method-assign]
+    early, late = reg.lease("t"), reg.lease("t")
+    assert reg.leases_total() == 2
+    reg.release(early)  # before its version is decoded
+    assert early.future.cancelled() and reg.leases_total() == 1
+    gate.set()
+    adapter = await reg.ready(late)
+    assert adapter.refs == 1  # only the waiting request holds it
+    reg.release(late)
+    assert adapter.refs == 0 and reg.leases_total() == 0
+
+
+async def test_a_delete_waits_for_the_loads_admitted_requests_started(tmp_path: Path) -> None:
+    """A request admitted before the delete still reads its files; the task's files go after."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    reg.host.drop(reg.host.keys_of("t", reg.state("t").uid))
+    entered, gate = threading.Event(), threading.Event()
+    decode = reg.decoder.decode
+
+    def slow(**kw):
+        entered.set()
+        gate.wait(10)
+        # as the real decoder does, the weights file is read here, after the store found the version
+        Path(kw["weights_path"]).read_bytes()
+        return decode(**kw)
+
+    reg.decoder.decode = slow  # type: ignore[method-assign]
+    lease = reg.lease("t")
+    await asyncio.to_thread(entered.wait, 10)
+    deleting = asyncio.ensure_future(reg.delete("t"))
+    await asyncio.sleep(0)  # the delete runs up to its wait for the load
+    with pytest.raises(NotFound):
+        reg.lease("t")  # new requests are refused at once
+    await asyncio.sleep(0.05)  # time a delete that did not wait would take to remove the files
+    gate.set()
+    adapter = await reg.ready(lease)
+    await deleting
+    assert adapter.version == 1
+    assert reg.store.list_names("tasks") == []
+    reg.release(lease)
+
+
+async def test_a_deleted_task_keeps_its_memory_until_its_last_request_ends(tmp_path: Path) -> None:
+    """Both tiers keep a deleted version while a request holds it, and free it with the last release."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    uid = reg.state("t").uid
+    first, second = reg.lease("t"), reg.lease("t")
+    await reg.ready(first)
+    await reg.ready(second)
+    assert reg.device.versions("t", uid) == [1] and reg.host.versions("t", uid) == [1]
+    await reg.delete("t")
+    reg.release(first)
+    await _background(reg)
+    assert reg.device.versions("t", uid) == [1] and reg.host.versions("t", uid) == [1]
+    reg.release(second)
+    await _background(reg)
+    assert reg.device.versions("t", uid) == [] and reg.host.versions("t", uid) == []
+
+
+async def test_a_deleted_version_goes_from_memory_when_its_requests_end(tmp_path: Path) -> None:
+    """`delete_version` of a version a request holds frees it at that request's release, not before."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    old = reg.lease("t")
+    await reg.ready(old)
+    await upload(reg, tmp_path, "t", method="ia3")
+    uid = reg.state("t").uid
+    await reg.delete_version("t", 1)
+    await _background(reg)
+    assert 1 in reg.host.versions("t", uid) and 1 in reg.device.versions("t", uid)
+    reg.release(old)
+    await _background(reg)
+    assert reg.host.versions("t", uid) == [2] and reg.device.versions("t", uid) == [2]
+
+
+async def test_pinning_loads_the_current_version_onto_the_device(tmp_path: Path) -> None:
+    """A pin puts the current version in a slot at once and keeps it there while other tasks come."""
+    reg = registry(tmp_path / "store")
+    await reg.start()
+    await upload(reg, tmp_path, "t", method="lora")
+    state = reg.state("t")
+    reg.device.evict(state.key(1))
+    reg.host.drop([state.key(1)])
+    assert reg.device.versions("t", state.uid) == []
+    await reg.set_pinned("t", True)
+    assert reg.device.versions("t", state.uid) == [1]
+    assert reg.host.versions("t", state.uid) == [1]  # the pinned version stays decoded too
+    for other in ("a", "b", "c", "d"):  # more tasks than the other slots hold
+        await upload(reg, tmp_path, other, method="lora")
+    assert reg.device.versions("t", state.uid) == [1]
+    await reg.set_pinned("t", False)
+    for other in ("e", "f", "g"):
+        await upload(reg, tmp_path, other, method="lora")
+    assert reg.device.versions("t", state.uid) == []  # unpinned, it was evicted like any other
+
+
+async def _background(reg: Registry) -> None:
+    """Let the registry's device evictions (run as background tasks) finish."""
+    await asyncio.gather(*list(reg._background))
