@@ -114,3 +114,81 @@ def test_a_method_this_server_has_no_bank_for_is_refused(tmp_path: Path) -> None
 )
 def test_method_of_reads_only_the_method_and_never_raises(raw: bytes, method: str | None) -> None:
     assert Decoder.method_of(raw) == method
+
+
+def _two_layer(config: dict) -> dict:
+    return config | {"head": config["head"] | {"layers": 2}}
+
+
+def test_two_layer_heads_are_served_unless_the_server_disables_them(tmp_path: Path) -> None:
+    """A dense + tanh + linear head decodes with its dense weights; with them disabled it is a 400."""
+    dec = decoder()
+    config = _two_layer(artifact_config("lora", dec.spec.fingerprint))
+    arrays = random_arrays(config, dec.spec, seed=0)
+    directory = write_artifact(tmp_path / "two", config, arrays)
+    assert {"head.dense.weight", "head.dense.bias"} <= set(arrays)
+    adapter = decode(dec, config, directory)
+    assert adapter.head.layers == 2
+    np.testing.assert_array_equal(adapter.tensors["head.dense.weight"].numpy(), arrays["head.dense.weight"])
+    with pytest.raises(InvalidArtifact) as info:
+        decode(decoder(head_two_layer=False), config, directory)
+    assert info.value.message == "two-layer heads are disabled on this server"
+    one = artifact_config("lora", dec.spec.fingerprint)  # a one-layer head is still fine there
+    directory = write_artifact(tmp_path / "one", one, random_arrays(one, dec.spec, seed=0))
+    assert decode(decoder(head_two_layer=False), one, directory).head.layers == 1
+
+
+def test_a_head_on_a_backbone_without_an_encoder_is_refused(tmp_path: Path) -> None:
+    """GPT-2 generates with its own LM head; a classification head has no encoder to read."""
+    from integration.api_support import tiny_gpt2_backbone
+
+    from adapters.model import MultiTaskModel
+
+    dec = Decoder(
+        model=MultiTaskModel(tiny_gpt2_backbone(), banks=BankConfig(slots=2)), limits=SafetensorsLimits()
+    )
+    config = {
+        "method": "lora",
+        "r": 2,
+        "targets": ["qkv"],
+        "backbone_fingerprint": dec.spec.fingerprint,
+        "head": {"type": "classification", "labels": ["a", "b"]},
+    }
+    directory = write_artifact(
+        tmp_path / "a", config, random_arrays(config | {"head": None}, dec.spec, seed=0)
+    )
+    with pytest.raises(InvalidArtifact) as info:
+        decode(dec, config, directory)
+    assert info.value.message == "adapter_config.json: head: this backbone has no encoder to put a head on"
+    config["head"] = None  # the same adapter as a generation task is served
+    assert decode(dec, config, directory).head is None
+
+
+def test_a_hypernetwork_sent_as_a_task_adapter_is_pointed_to_its_route(tmp_path: Path) -> None:
+    """The refusal says where a hypernetwork is uploaded instead."""
+    dec = decoder()
+    _, _, directory = artifact(tmp_path, dec, "lora")
+    with pytest.raises(InvalidArtifact) as info:
+        decode(dec, {"method": "hypernetwork", "backbone_fingerprint": dec.spec.fingerprint}, directory)
+    assert info.value.message == (
+        "adapter_config.json: method: a hypernetwork is uploaded with POST /v1/hypernetworks/{name}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b'{"method": "lora"}', "generate"),
+        (b'{"head": null}', "generate"),
+        (b'{"head": {"type": "classification"}}', "classify"),
+        (b'{"head": {"type": "multi_label"}}', "classify"),
+        (b'{"head": {"type": "regression"}}', "regress"),
+        (b'{"head": {"type": "embedding"}}', "embed"),
+        (b'{"head": {"type": "unknown"}}', None),
+        (b'{"head": "classification"}', None),
+        (b"not json", None),
+    ],
+)
+def test_kind_of_reads_the_head_type_only(raw: bytes, kind: str | None) -> None:
+    """What a stored config answers, from its head alone, without raising."""
+    assert Decoder.kind_of(raw) == kind
