@@ -463,19 +463,15 @@ class Service:
         self._check_budget(encoded, max_new_tokens)
         events: asyncio.Queue[Event] = asyncio.Queue()
         label = self.metrics.task_label(task, registered=True)
-        gens = [
-            Generation(
-                index=i,
-                adapter=adapter,
-                ids=ids,
-                sampling=Sampling(),
-                max_tokens=max_new_tokens,
-                stop=(),
-                events=events,
-                task_label=label,
-            )
-            for i, ids in enumerate(encoded)
-        ]
+        gens = _generations(
+            adapter,
+            encoded,
+            sampling=Sampling(),
+            max_tokens=max_new_tokens,
+            stop=(),
+            events=events,
+            label=label,
+        )
         assert self.generations is not None
         try:
             self.generations.submit(gens)
@@ -537,19 +533,9 @@ class Service:
             raise
         events: asyncio.Queue[Event] = asyncio.Queue()
         label = self.metrics.task_label(task, registered=True)
-        gens = [
-            Generation(
-                index=i,
-                adapter=adapter,
-                ids=e,
-                sampling=sampling,
-                max_tokens=max_tokens,
-                stop=stop,
-                events=events,
-                task_label=label,
-            )
-            for i, e in enumerate(encoded)
-        ]
+        gens = _generations(
+            adapter, encoded, sampling=sampling, max_tokens=max_tokens, stop=stop, events=events, label=label
+        )
         try:
             self.generations.submit(gens)
         except QueueFull as exc:
@@ -595,6 +581,25 @@ class Service:
             else Encoded(ids=list(x), types=None)
             for x in inputs
         ]
+
+
+def _generations(
+    adapter, encoded: list[list[int]], *, sampling: Sampling, max_tokens: int, stop, events, label: str
+) -> list[Generation]:
+    """One decoding-loop row per prompt of a request, all reporting to its events queue."""
+    return [
+        Generation(
+            index=i,
+            adapter=adapter,
+            ids=ids,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            events=events,
+            task_label=label,
+        )
+        for i, ids in enumerate(encoded)
+    ]
 
 
 class Completion:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from e2e_support import ADMIN, API, write_random_artifact
+from integration.api_support import word_tokenizer
 
 from adapters.backbone import load_backbone
 from service.client import Client
@@ -29,22 +30,16 @@ R, ALPHA = 4, 8
 
 
 def _save(path: Path, family: str) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
-        PreTrainedTokenizerFast,
         T5Config,
         T5ForConditionalGeneration,
     )
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    )
+    tok = word_tokenizer(VOCAB)
     torch.manual_seed(0)
     # a wide initialisation: a random tiny model then says different things, not one token again and again
     if family == "gpt2":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from helpers import classify_each, load_artifact_dir
@@ -153,16 +155,23 @@ def admin(key: str = ADMIN) -> dict:
 GEN_WORDS = ["<pad>", "<unk>", "<eos>", *WORDS]
 
 
-def tiny_gpt2_backbone(seed: int = 0) -> Backbone:
-    """A decoder-only GPT-2 (hidden 32, 2 layers) with a word-level tokenizer, for generation."""
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level fast tokenizer over `words` ("<pad>", "<unk>", "<eos>" among them), no special tokens added."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(GEN_WORDS)}, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
     )
+
+
+def tiny_gpt2_backbone(seed: int = 0) -> Backbone:
+    """A decoder-only GPT-2 (hidden 32, 2 layers) with a word-level tokenizer, for generation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = word_tokenizer(GEN_WORDS)
     torch.manual_seed(seed)
     cfg = GPT2Config(
         vocab_size=len(GEN_WORDS),
@@ -226,3 +235,25 @@ class WorkerGate:
     async def __aexit__(self, *exc) -> None:
         self.gate.set()
         await self.job
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, artifact: Path, *, task: str, backbone: Backbone):
+    """The real app (ASGI, in process) serving one artifact as `task` from a fresh store: a client."""
+    from service.app import create_app
+    from service.settings import Settings
+    from store.local import LocalStore
+
+    LocalStore(tmp_path / "store").put_version(
+        "tasks",
+        task,
+        config_bytes=(artifact / "adapter_config.json").read_bytes(),
+        weights_src=artifact / "adapter.safetensors",
+    )
+    settings = Settings(store=tmp_path / "store", admin_keys=[ADMIN], seed_dir=None, max_wait_ms=1.0, slots=4)
+    app = create_app(settings, backbone=backbone)
+    async with app.router.lifespan_context(app):
+        await app.state.service.ready.wait()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client

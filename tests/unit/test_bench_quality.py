@@ -177,4 +177,3 @@ def test_an_unknown_method_is_refused_before_any_training():
 
     with pytest.raises(SystemExit, match="unknown --methods \\['lora2'\\]"):
         main(["--methods", "full,lora2", "--tasks", "SST-2"])
-

@@ -9,22 +9,19 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from integration.api_support import serving
 from scipy.stats import pearsonr, spearmanr
-from test_train import ADMIN, FILLER, NEGATIVE, POSITIVE, backbone
+from test_train import FILLER, NEGATIVE, POSITIVE, backbone
 
 from adapters.model import BankConfig, MultiTaskModel
 from adapters.training.data import Example, TaskData
 from adapters.training.embedding import PairData, cosine_loss
 from adapters.training.export import write_artifact
 from adapters.training.trainer import TrainOptions, train
-from service.app import create_app
-from service.settings import Settings
-from store.local import LocalStore
 
 
 def _side(rng: random.Random, word: str) -> str:
@@ -52,20 +49,8 @@ def task() -> TaskData:
 
 async def _served(tmp_path: Path, result, texts: list[str]) -> np.ndarray:
     art = write_artifact(tmp_path / "artifact", result.config, result.tensors)
-    store = LocalStore(tmp_path / "store")
-    store.put_version(
-        "tasks",
-        "sim",
-        config_bytes=(art / "adapter_config.json").read_bytes(),
-        weights_src=art / "adapter.safetensors",
-    )
-    settings = Settings(store=tmp_path / "store", admin_keys=[ADMIN], seed_dir=None, max_wait_ms=1.0, slots=4)
-    app = create_app(settings, backbone=backbone())
-    async with app.router.lifespan_context(app):
-        await app.state.service.ready.wait()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            resp = await client.post("/v1/embeddings", json={"model": "sim", "input": texts})
+    async with serving(tmp_path, art, task="sim", backbone=backbone()) as client:
+        resp = await client.post("/v1/embeddings", json={"model": "sim", "input": texts})
     assert resp.status_code == 200, resp.text
     return np.array([d["embedding"] for d in resp.json()["data"]])
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from helpers import load_artifact_dir
-from tokenizers import Tokenizer, models, pre_tokenizers
+from integration.api_support import serving, word_tokenizer
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -21,7 +20,6 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -35,22 +33,14 @@ from adapters.training.generative import GENERATION_METRICS, TextPairs, lm_loss
 from adapters.training.init import bank_config, init_tensors
 from adapters.training.names import GENERATION, TRAINABLE_METHODS
 from adapters.training.trainer import TrainOptions, build_config, train
-from service.app import create_app
-from service.settings import Settings
-from store.local import LocalStore
 
 WORDS = ["<pad>", "<unk>", "<eos>", *[f"w{i}" for i in range(40)]]
 PAD, EOS = 0, 2
-ADMIN = "generation-admin-key-0123"
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer():
     """Whitespace words, no special tokens added: every id in a test is countable by hand."""
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
-    )
+    return word_tokenizer(WORDS)
 
 
 def model_of(family: str) -> torch.nn.Module:
@@ -159,23 +149,9 @@ async def _served(
     tmp_path: Path, bb: Backbone, result, prompts: list[str], *, max_new_tokens: int
 ) -> list[str]:
     art = write_artifact(tmp_path / "artifact", result.config, result.tensors)
-    store = LocalStore(tmp_path / "store")
-    store.put_version(
-        "tasks",
-        "gen",
-        config_bytes=(art / "adapter_config.json").read_bytes(),
-        weights_src=art / "adapter.safetensors",
-    )
-    settings = Settings(store=tmp_path / "store", admin_keys=[ADMIN], seed_dir=None, max_wait_ms=1.0, slots=4)
-    app = create_app(settings, backbone=bb)
-    async with app.router.lifespan_context(app):
-        await app.state.service.ready.wait()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            resp = await client.post(
-                "/v1/tasks/gen/predict",
-                json={"inputs": prompts, "parameters": {"max_new_tokens": max_new_tokens}},
-            )
+    async with serving(tmp_path, art, task="gen", backbone=bb) as client:
+        body = {"inputs": prompts, "parameters": {"max_new_tokens": max_new_tokens}}
+        resp = await client.post("/v1/tasks/gen/predict", json=body)
     assert resp.status_code == 200, resp.text
     return [o["generated_text"] for o in resp.json()["outputs"]]
 
