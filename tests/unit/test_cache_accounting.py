@@ -210,3 +210,39 @@ def test_a_resident_slot_from_an_old_generator_is_generated_again() -> None:
     assert resident(device) == ["g"] and model.held[slot] == "g" and device.bytes == 10
     assert device.evict_generated(lambda n: n is new) == []
     assert device.evict_generated(lambda n: n is old) == [g.key]
+
+
+def test_holding_a_cached_entry_again_counts_its_bytes_once() -> None:
+    """A second hold of the same adapter takes a reference, not a second copy of its bytes."""
+    cache = HostCache(budget_bytes=1000, metrics=Metrics(max_tasks=8))
+    a = adapter("a")
+    cache.hold(a)
+    cache.hold(a)
+    assert a.refs == 2 and cache.bytes == a.nbytes == a.host_bytes
+    assert cache.versions("a", 0) == [a.version]
+
+
+def test_a_stale_adapter_is_referenced_but_never_cached() -> None:
+    """An adapter from a replaced generator serves its holder and takes no room in the tier."""
+    cache = HostCache(budget_bytes=1000, metrics=Metrics(max_tasks=8), fresh=lambda a: False)
+    a = adapter("a")
+    cache.hold(a)
+    assert a.refs == 1 and cache.bytes == 0 and a.key not in cache
+    cache.release(a)
+    assert a.refs == 0 and cache.bytes == 0
+
+
+def test_the_host_bytes_gauges_follow_an_eviction() -> None:
+    """After the tier evicts to fit, its gauges say what is left, not what was there."""
+    metrics = Metrics(max_tasks=8)
+    a, c, b = adapter("a", nbytes=10), adapter("c", nbytes=20), adapter("b", nbytes=5)
+    cache = HostCache(budget_bytes=34, metrics=metrics)
+    for evictable in (a, c):
+        cache.hold(evictable)
+        cache.release(evictable)
+    cache.hold(b)  # 35 bytes: the oldest evictable entry (a) goes, and c fits again
+    assert a.key not in cache and c.key in cache and b.key in cache
+    assert sample(metrics, "adapter_host_cache_bytes") == 25
+    assert sample(metrics, "tier_bytes", tier="host") == 25
+    assert sample(metrics, "tier_adapters", tier="host") == 2
+    assert sample(metrics, "tier_evictions_total", tier="host") == 1
