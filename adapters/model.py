@@ -351,13 +351,11 @@ class MultiTaskModel(nn.Module):
 
     def train_forward(self, input_ids, attention_mask, **kwargs) -> HeadOutput | torch.Tensor:
         """A differentiable forward with every row on slot 1: head outputs, or LM logits."""
+        head = self.banks.get(("head", "head"))
+        if head is None or "decoder_input_ids" in kwargs or "labels" in kwargs:
+            return self.lm_forward(input_ids, attention_mask, **kwargs)
         slots = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         with self.router.route(slots, attention_mask=attention_mask):
-            head = self.banks.get(("head", "head"))
-            if head is None or "decoder_input_ids" in kwargs or "labels" in kwargs:
-                return self.backbone.model(
-                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
-                ).logits
             hidden = self._encode(input_ids, attention_mask, **kwargs)
             return head(hidden, attention_mask, self._pooler())
 

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 if method in PEER_ROWS:
                     own = PEER_ROWS[method]
                     lr = lr_for.get(method) or lr_for.get(own) or DEFAULT_LR[own]
-                    results.append(_Peer(train_peft_lora(task, options=options(task_name, seed=seed), lr=lr)))
+                    results.append(train_peft_lora(task, options=options(task_name, seed=seed), lr=lr))
                     continue
                 # a fresh backbone per run: training wraps its projections, and `full` changes its weights
                 backbone = load_backbone(device="cpu", dtype="float32")
@@ -613,13 +613,6 @@ def main(argv: list[str] | None = None) -> int:
     complete = not config.get("missing")
     args.out.write_text(render(rows=rows, config=config, complete=complete), encoding="utf-8")
     return 0
-
-
-class _Peer:
-    """A peer row's result with the attributes of a `TrainResult` that a row reads."""
-
-    def __init__(self, result: dict):
-        self.__dict__.update(result)
 
 
 def _row(

@@ -28,13 +28,13 @@ def _pooled(model, ids, mask, types) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def train_peft_lora(task, *, options, lr: float, r: int = 8, alpha: float = 16.0, targets=("q", "v")) -> dict:
-    """Train PEFT LoRA plus a head on the bundled MiniLM; the best per-epoch dev scores and counts."""
+def train_peft_lora(task, *, options, lr: float, r: int = 8, alpha: float = 16.0, targets=("q", "v")):
+    """Train PEFT LoRA plus a head on the bundled MiniLM: a `TrainResult` with no artifact, its best dev scores."""
     from peft import LoraConfig, get_peft_model
 
     from adapters.backbone import load_backbone
     from adapters.training.data import Batches, baseline_metrics, compute_metrics, subset, tokenize
-    from adapters.training.trainer import _loss, _schedule
+    from adapters.training.trainer import TrainResult, _loss, _schedule
 
     started = time.perf_counter()
     opts = options
@@ -103,14 +103,16 @@ def train_peft_lora(task, *, options, lr: float, r: int = 8, alpha: float = 16.0
             history.append({"event": "eval", "step": step, "loss": float(loss), **scores})
             if best is None or scores["score"] > best["score"]:
                 best = scores
-    trainable = sum(p.numel() for p in params)
-    return {
-        "dev": best or {},
-        "baseline": baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics),
-        "history": history,
-        "trainable_params": trainable,
-        "backbone_params": n_backbone,
-        "steps": step,
-        "train_examples": len(train_data),
-        "seconds": time.perf_counter() - started,
-    }
+    return TrainResult(
+        method="peft_lora",
+        config=None,
+        tensors=None,
+        dev=best or {},
+        baseline=baseline_metrics(train_data, dev_data, kind=task.kind, metrics=task.metrics),
+        history=history,
+        trainable_params=sum(p.numel() for p in params),
+        backbone_params=n_backbone,
+        steps=step,
+        train_examples=len(train_data),
+        seconds=time.perf_counter() - started,
+    )

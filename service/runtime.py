@@ -393,7 +393,7 @@ class Service:
             if generates and any(not isinstance(x, str) for x in inputs):
                 raise InvalidRequest("generation takes prompts (strings), not [text_a, text_b] pairs")
             n_new = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-            if generates and self.generations is not None:
+            if generates:
                 return await self._generate(
                     task, adapter, version, inputs, max_new_tokens=n_new, truncate=truncate, deadline=deadline
                 )
@@ -461,26 +461,10 @@ class Service:
         """
         encoded = [e.ids for e in await self._encode(inputs, max_tokens=None, truncate=truncate)]
         self._check_budget(encoded, max_new_tokens)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        label = self.metrics.task_label(task, registered=True)
-        gens = _generations(
-            adapter,
-            encoded,
-            sampling=Sampling(),
-            max_tokens=max_new_tokens,
-            stop=(),
-            events=events,
-            label=label,
+        # the lease stays the caller's: predict releases it once the answer is built
+        completion = await self._admit(
+            task, adapter, encoded, sampling=Sampling(), max_tokens=max_new_tokens, stop=(), lease=None
         )
-        assert self.generations is not None
-        try:
-            self.generations.submit(gens)
-        except QueueFull as exc:
-            await self.pause(min(exc.retry_after, self.settings.refusal_pause_ms / 1000))
-            raise
-        tokens = sum(len(ids) for ids in encoded)
-        self.metrics.tokens.labels(task=label).inc(tokens)
-        completion = Completion(self, gens, events, None)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                 results = await completion.collect()
@@ -490,7 +474,9 @@ class Service:
         finally:
             completion.close()
         return Answer(
-            version=version, outputs=[{"generated_text": text} for text, _ in results], tokens=tokens
+            version=version,
+            outputs=[{"generated_text": text} for text, _ in results],
+            tokens=completion.prompt_tokens,
         )
 
     async def complete(
@@ -531,19 +517,49 @@ class Service:
             if lease is not None:
                 self.registry.release(lease)
             raise
+        return await self._admit(
+            task, adapter, encoded, sampling=sampling, max_tokens=max_tokens, stop=stop, lease=lease
+        )
+
+    async def _admit(
+        self,
+        task: str,
+        adapter,
+        encoded: list[list[int]],
+        *,
+        sampling: Sampling,
+        max_tokens: int,
+        stop,
+        lease,
+    ) -> Completion:
+        """Put one request's prompts into the decoding loop: a row each, reporting to one events queue.
+
+        Past the tokens in flight it is refused (429) and `lease`, when given, is released.
+        """
+        assert self.generations is not None
         events: asyncio.Queue[Event] = asyncio.Queue()
         label = self.metrics.task_label(task, registered=True)
-        gens = _generations(
-            adapter, encoded, sampling=sampling, max_tokens=max_tokens, stop=stop, events=events, label=label
-        )
+        gens = [
+            Generation(
+                index=i,
+                adapter=adapter,
+                ids=ids,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                events=events,
+                task_label=label,
+            )
+            for i, ids in enumerate(encoded)
+        ]
         try:
             self.generations.submit(gens)
         except QueueFull as exc:
             if lease is not None:
                 self.registry.release(lease)
-            await self.pause(min(exc.retry_after, s.refusal_pause_ms / 1000))
+            await self.pause(min(exc.retry_after, self.settings.refusal_pause_ms / 1000))
             raise
-        self.metrics.tokens.labels(task=label).inc(sum(len(e) for e in encoded))
+        self.metrics.tokens.labels(task=label).inc(sum(len(ids) for ids in encoded))
         return Completion(self, gens, events, lease)
 
     def _check_budget(self, encoded: list[list[int]], max_tokens: int) -> None:
@@ -581,25 +597,6 @@ class Service:
             else Encoded(ids=list(x), types=None)
             for x in inputs
         ]
-
-
-def _generations(
-    adapter, encoded: list[list[int]], *, sampling: Sampling, max_tokens: int, stop, events, label: str
-) -> list[Generation]:
-    """One decoding-loop row per prompt of a request, all reporting to its events queue."""
-    return [
-        Generation(
-            index=i,
-            adapter=adapter,
-            ids=ids,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            stop=stop,
-            events=events,
-            task_label=label,
-        )
-        for i, ids in enumerate(encoded)
-    ]
 
 
 class Completion:

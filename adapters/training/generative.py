@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from adapters.model import MultiTaskModel
-from adapters.training.data import Dataset, Example
+from adapters.training.data import Batches, Dataset, Example
 
-__all__ = ["GENERATION_METRICS", "TextPairs", "evaluate_generation", "lm_loss"]
+__all__ = ["GENERATION_METRICS", "TextPairs", "evaluate_generation", "lm_loss", "pad_rows"]
 
 GENERATION_METRICS = ("exact_match", "token_accuracy")
 """What a generation task is scored by: greedy outputs equal to the target (whitespace-normalised),
@@ -30,6 +30,18 @@ IGNORE = -100
 
 def _normalized(text: str) -> str:
     return " ".join(text.split())
+
+
+def pad_rows(rows: list[list[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded with `value` to the longest (on the left for decoder-only prompts), and their mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[j, span] = torch.tensor(r, dtype=torch.long)
+        mask[j, span] = 1
+    return ids, mask
 
 
 class TextPairs:
@@ -77,28 +89,15 @@ class TextPairs:
         """Tokens of the longest target (its end token included)."""
         return max((len(t) for t in self.targets), default=1)
 
-    def _pad(
-        self, rows: list[list[int]], value: int, *, left: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), value, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            span = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[j, span] = torch.tensor(r, dtype=torch.long)
-            mask[j, span] = 1
-        return ids, mask
-
     def teacher_forced(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         """The forward's inputs and the aligned labels (`IGNORE` outside the loss) of some examples."""
         if self.decoder_only:
             rows = [self.prompts[i] + self.targets[i] for i in idx]
             labels = [[IGNORE] * len(self.prompts[i]) + self.targets[i] for i in idx]
-            ids, mask = self._pad(rows, self.pad_id)
-            lab, _ = self._pad(labels, IGNORE)
-            return {"input_ids": ids, "attention_mask": mask, "labels": lab}
-        ids, mask = self._pad([self.prompts[i] for i in idx], self.pad_id)
-        lab, _ = self._pad([self.targets[i] for i in idx], IGNORE)
+        else:
+            rows, labels = [self.prompts[i] for i in idx], [self.targets[i] for i in idx]
+        ids, mask = pad_rows(rows, self.pad_id)
+        lab, _ = pad_rows(labels, IGNORE)
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
@@ -142,9 +141,7 @@ def evaluate_generation(
         tok = model.backbone.tokenizer
         right = wrong = 0
         loss_sum, counted, exact = 0.0, 0, 0
-        order = sorted(range(len(data)), key=lambda i: len(data.data.ids[i]))
-        for start in range(0, len(order), 32):
-            idx = order[start : start + 32]
+        for idx in Batches(data.data, batch_size=32, pad_id=data.pad_id).ordered():
             batch = data.teacher_forced(idx)
             logits, labels = _aligned(model, batch, slot=slot)
             keep = labels != IGNORE
@@ -154,7 +151,7 @@ def evaluate_generation(
             loss_sum += float(F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum"))
             counted += int(keep.sum())
             # greedy outputs as the predict route makes them: decoder-only prompts padded on the left
-            ids, mask = data._pad([data.prompts[i] for i in idx], data.pad_id, left=data.decoder_only)
+            ids, mask = pad_rows([data.prompts[i] for i in idx], data.pad_id, left=data.decoder_only)
             dev = model.backbone.device
             new = model.generate(
                 ids.to(dev), mask.to(dev), [slot] * len(idx), max_new_tokens=data.longest_target
