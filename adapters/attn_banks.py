@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from adapters.banks import ACTIVATION_CODES, _Bank, activate, activate_rows
 from adapters.router import Router
 
-__all__ = ["FactoredPHMBank", "MHParallelBank", "TinyAttentionBank"]
+__all__ = ["FactoredPHMBank", "MHParallelBank", "TinyAttentionBank", "TinyCache"]
 
 
 class MHParallelBank(_Bank):
@@ -90,6 +90,75 @@ class MHParallelBank(_Bank):
         return (y + one.take("up_b", i1, b).unsqueeze(1)) * one.take("scale", i1, b).view(-1, 1, 1)
 
 
+def _fit(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`x` zero-padded or cut along `dim` to `size`: the pool's widths may change between decoding steps."""
+    n = x.shape[dim]
+    if n > size:
+        return x.narrow(dim, 0, size)
+    if n < size:
+        return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, size - n])
+    return x
+
+
+def _left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Keys or values `[B, K, T, E]` padded on the left to `width` columns (the newest stay last)."""
+    t = x.shape[2]
+    return F.pad(x, (0, 0, width - t, 0)) if t < width else x[:, :, t - width :]
+
+
+def _rows(pair, n: int, shape: tuple[int, int, int], *, like: torch.Tensor):
+    """Keys and values of `n` rows fitted to (K, W, E); zeros for rows whose forward never ran the bank."""
+    heads, width, dim = shape
+    if pair is None:
+        z = like.new_zeros(n, heads, width, dim)
+        return z, z
+    return tuple(_left(_fit(_fit(x, 1, heads), 3, dim), width) for x in pair)
+
+
+class TinyCache:
+    """Tiny attention's keys and values in a decoder's layers, for the rows of one decoding batch.
+
+    Columns follow the batch's self-attention mask, right-aligned with it: the newest token is the
+    last column. A layer whose bank did not run in some step (no row used it) lacks those columns;
+    they are padded on the left when needed, and they belong only to rows that never use that layer's
+    adapter, whose entries nothing reads (a row's adapter is served at every step the row is in).
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mask: torch.Tensor | None = None
+        """[B, W] self-attention mask of the forward in progress: history and new tokens (1: real)."""
+
+    def extend(self, bank, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank's keys and values with this forward's new columns appended: `[B, K, W, E]` each."""
+        old = self.layers.get(bank)
+        if old is not None:
+            ck, cv = (_fit(_fit(x, 1, k.shape[1]), 3, k.shape[3]) for x in old)
+            k, v = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
+        w = self.mask.shape[1]
+        k, v = _left(k, w), _left(v, w)
+        self.layers[bank] = (k, v)
+        return k, v
+
+    def join(self, other: TinyCache, *, rows: int, other_rows: int, width: int) -> None:
+        """Append `other`'s rows (newly prefilled) below these, both padded on the left to `width`."""
+        for bank in self.layers.keys() | other.layers.keys():
+            mine, theirs = self.layers.get(bank), other.layers.get(bank)
+            present = [p[0] for p in (mine, theirs) if p is not None]
+            shape = (max(x.shape[1] for x in present), width, max(x.shape[3] for x in present))
+            a = _rows(mine, rows, shape, like=present[0])
+            b = _rows(theirs, other_rows, shape, like=present[0])
+            self.layers[bank] = (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+
+    def select(self, idx: torch.Tensor, *, columns: int) -> None:
+        """Keep the rows `idx` and the last `columns` columns (the batch trimmed what no row needs)."""
+        for bank, (k, v) in self.layers.items():
+            self.layers[bank] = (
+                _left(k.index_select(0, idx), columns),
+                _left(v.index_select(0, idx), columns),
+            )
+
+
 class TinyAttentionBank(_Bank):
     """Tiny-attention adapters at the attention output: `a + out(MHA_E(in(LN(a))))`.
 
@@ -107,10 +176,15 @@ class TinyAttentionBank(_Bank):
         max_heads: int | None = None,
         slots: int,
         router: Router,
+        causal: bool = False,
+        masked: bool = True,
         **fac,
     ):
         super().__init__(slots=slots, router=router)
         self.max_dim, self.max_heads = max_dim, max_heads
+        # decoder layers: a token attends to itself and the tokens before it; `masked` says whether
+        # the router's mask is this stack's (not in a seq2seq decoder, where it is the encoder's)
+        self.causal, self.masked = causal, masked
         z = 0.0
         self.pool = self._pool(
             ranked=False,
@@ -169,11 +243,39 @@ class TinyAttentionBank(_Bank):
         u = torch.baddbmm(g("in_b").unsqueeze(1), u, g("in_w"))  # [B, T, E]
         qkv = torch.einsum("bte,bkegf->bkgtf", u, g("qkv_w")) + g("qkv_b").unsqueeze(3)
         q, k, v = qkv.unbind(2)  # [B, K, T, E]
-        mask = rt.attention_mask
-        attn_mask = None if mask is None else mask[:, None, None, :t].to(torch.bool)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        if self.causal:
+            ctx = self._causal(q, k, v)
+        else:
+            mask = rt.attention_mask
+            attn_mask = None if mask is None else mask[:, None, None, :t].to(torch.bool)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         o = torch.einsum("bkte,bkef->btf", ctx, g("o_w")) + g("o_b").unsqueeze(1)
         return torch.baddbmm(g("out_b").unsqueeze(1), o, g("out_w"))
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal tiny attention of the t new tokens over the row's tokens so far (cached while decoding)."""
+        rt = self.router
+        t = q.shape[2]
+        cache = rt.decode
+        if cache is not None:
+            mask = cache.mask
+            k, v = cache.extend(self, k, v)
+        else:
+            mask = rt.attention_mask if self.masked else None
+            if mask is not None and mask.shape[1] > t:
+                # the keys of earlier tokens would be in a cache this forward was not given
+                raise RuntimeError("tiny attention in a decoder decodes step by step only with its own cache")
+            if mask is not None and mask.shape[1] < t:
+                # generation without a cache appends tokens the prompt's mask has no column for
+                mask = F.pad(mask, (0, t - mask.shape[1]), value=1)
+        w = k.shape[2]
+        cols = torch.arange(w, device=q.device)
+        new = cols[w - t :, None]
+        allowed = cols[None, :] <= new  # [t, W]
+        if mask is not None:
+            # a padding query keeps its own key, so no row of the softmax is empty
+            allowed = (allowed & mask[:, None, None, :].to(torch.bool)) | (cols[None, :] == new)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
 
 
 class FactoredPHMBank(_Bank):

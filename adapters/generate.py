@@ -11,7 +11,8 @@ not see the padding) and its own mask, so a row's tokens equal those of decoding
 joins is prefilled apart (with the other newcomers) and then padded into the running cache; a row
 that leaves is cut out, and columns no row needs any more are trimmed. Slots are given per call:
 the cache holds no adapter state (prefix keys and values are prepended by the attention hook at every
-step), so an adapter may move to another slot between steps.
+step), so an adapter may move to another slot between steps. Tiny attention in decoder layers keeps its
+own keys and values per row (`TinyCache`), joined, cut and trimmed with the cache's rows and columns.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
+
+from adapters.attn_banks import TinyCache
 
 __all__ = ["DecodeBatch", "Prompt", "Sampling", "pick"]
 
@@ -141,6 +144,7 @@ class DecodeBatch:
         self._samplings: list[Sampling] = []
         self._generators: list[torch.Generator] = []
         self._cache = None
+        self._tiny = TinyCache()
         self._mask: torch.Tensor | None = None  # [B, T] self-attention history (1: a real token)
         self._pos: torch.Tensor | None = None  # [B] the position the row's next token takes
         self._last: torch.Tensor | None = None  # [B] the token each row feeds in next
@@ -168,12 +172,12 @@ class DecodeBatch:
 
     # -- forwards -------------------------------------------------------------------------------
 
-    def _route(self, slots: Sequence[int], mask: torch.Tensor | None):
+    def _route(self, slots: Sequence[int], mask: torch.Tensor | None, tiny: TinyCache | None = None):
         t = self.model._slot_tensor(list(slots), len(slots))
-        return self.model.router.route(t, attention_mask=mask)
+        return self.model.router.route(t, attention_mask=mask, decode=tiny)
 
-    def _forward(self, slots, *, positions: torch.Tensor, **kwargs):
-        with self.model.lock.shared(), self._route(slots, kwargs.get("attention_mask")):
+    def _forward(self, slots, *, positions: torch.Tensor, tiny: TinyCache, **kwargs):
+        with self.model.lock.shared(), self._route(slots, kwargs.get("attention_mask"), tiny):
             if self._positions is not None:
                 self._positions.value = positions
             try:
@@ -201,14 +205,17 @@ class DecodeBatch:
             ids[j, span] = torch.tensor(p.ids)
             mask[j, span] = 1
         ids, mask = ids.to(dev), mask.to(dev)
+        tiny = TinyCache()  # the newcomers' own, joined to the batch's below
         if self.seq2seq:
             with self.model.lock.shared(), self._route(slots, mask):
                 enc = self.hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             start = self.hf.config.decoder_start_token_id
             dec = torch.full((n, 1), start, dtype=torch.long, device=dev)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            tiny.mask = torch.ones(n, 1, dtype=torch.long, device=dev)
             out = self._forward(
                 slots,
+                tiny=tiny,
                 positions=torch.zeros(n, 1, dtype=torch.long, device=dev),
                 encoder_outputs=BaseModelOutput(last_hidden_state=enc),
                 attention_mask=mask,
@@ -220,8 +227,10 @@ class DecodeBatch:
             new["pos"] = torch.ones(n, dtype=torch.long, device=dev)
         else:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            tiny.mask = mask
             out = self._forward(
                 slots,
+                tiny=tiny,
                 positions=positions,
                 input_ids=ids,
                 attention_mask=mask,
@@ -235,7 +244,7 @@ class DecodeBatch:
         tokens = pick(self.logits, samplings, generators)
         new["last"] = torch.tensor(tokens, dtype=torch.long, device=dev)
         row_ids = [next(self._next_id) for _ in prompts]
-        self._join(out.cache, new)
+        self._join(out.cache, new, tiny)
         self.ids += row_ids
         self._samplings += samplings
         self._generators += generators
@@ -253,9 +262,11 @@ class DecodeBatch:
         mask = torch.cat([self._mask, torch.ones(n, 1, dtype=torch.long, device=dev)], dim=1)
         positions = self._pos[:, None]
         tokens = self._last[:, None]
+        self._tiny.mask = mask
         if self.seq2seq:
             out = self._forward(
                 slots,
+                tiny=self._tiny,
                 positions=positions,
                 encoder_outputs=BaseModelOutput(last_hidden_state=self._enc),
                 attention_mask=self._enc_mask,
@@ -266,6 +277,7 @@ class DecodeBatch:
         else:
             out = self._forward(
                 slots,
+                tiny=self._tiny,
                 positions=positions,
                 input_ids=tokens,
                 attention_mask=mask,
@@ -287,12 +299,14 @@ class DecodeBatch:
             return list(cache.self_attention_cache.layers)
         return list(cache.layers)
 
-    def _join(self, cache, new: dict) -> None:
+    def _join(self, cache, new: dict, tiny: TinyCache) -> None:
         if self._cache is None:
             self._cache, self._mask, self._pos, self._last = cache, new["mask"], new["pos"], new["last"]
             self._enc_mask, self._enc = new.get("enc_mask"), new.get("enc")
+            self._tiny = tiny
             return
         width = max(self._mask.shape[1], new["mask"].shape[1])
+        self._tiny.join(tiny, rows=len(self.ids), other_rows=new["mask"].shape[0], width=width)
         for old, add in zip(self._layers(self._cache), self._layers(cache), strict=True):
             old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(add.keys, width)])
             old.values = torch.cat([_pad_left(old.values, width), _pad_left(add.values, width)])
@@ -320,6 +334,7 @@ class DecodeBatch:
         if not keep:
             self.ids, self._samplings, self._generators = [], [], []
             self._cache = self._mask = self._pos = self._last = self._enc_mask = self._enc = None
+            self._tiny = TinyCache()
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self._mask.index_select(0, idx)
@@ -329,6 +344,7 @@ class DecodeBatch:
             layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
             layer.values = layer.values.index_select(0, idx)[:, :, first:]
         self._mask = mask[:, first:]
+        self._tiny.select(idx, columns=self._mask.shape[1])
         if self.seq2seq:
             enc = self._enc_mask.index_select(0, idx)
             s = int(enc.any(0).nonzero()[-1]) + 1

@@ -90,6 +90,8 @@ class MultiTaskModel(nn.Module):
         self.lock = SharedLock()
         self.banks: dict[tuple[str, str], nn.Module] = {}
         self._bank_modules = nn.ModuleDict()
+        # decoder tiny-attention banks: they decode step by step only with a decoding batch's cache
+        self._decoder_tiny: list[nn.Module] = []
         self._slot_banks: dict[int, list[nn.Module]] = {}
         self._install()
 
@@ -111,6 +113,7 @@ class MultiTaskModel(nn.Module):
             _on(cfg.bottleneck_max_dim) and cfg.bottleneck_post_norm and post_norm_backbone(spec)
         )
         install_attention_hook(self.backbone.model)
+        seq2seq = bool(getattr(self.backbone.model.config, "is_encoder_decoder", False))
         for stack, path in arch.stacks.items():
             for i, layer in enumerate(core.get_submodule(path)):
                 paths = arch.layer[stack]
@@ -137,15 +140,19 @@ class MultiTaskModel(nn.Module):
                             **fac,
                         )
                         self._register(f"{stack}.{i}.{site}", "mhpa", sb.mhpa)
-                    if site == "attn" and stack == "encoder" and _on(cfg.tiny_max_dim):
+                    if site == "attn" and _on(cfg.tiny_max_dim):
                         sb.tiny = TinyAttentionBank(
                             hidden=h,
                             max_dim=cfg.tiny_max_dim,
                             max_heads=cfg.tiny_max_heads,
                             slots=s,
                             router=rt,
+                            causal=stack == "decoder",
+                            masked=not (stack == "decoder" and seq2seq),
                             **fac,
                         )
+                        if stack == "decoder":
+                            self._decoder_tiny.append(sb.tiny)
                         self._register(f"{stack}.{i}.{site}", "tiny", sb.tiny)
                     if cfg.compacter_factored and _on(cfg.bottleneck_max_dim):
                         sb.phm = FactoredPHMBank(
@@ -438,6 +445,8 @@ class MultiTaskModel(nn.Module):
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                # Hugging Face's cache has no place for tiny attention's keys: recompute every step
+                use_cache=not any(bank.active() for bank in self._decoder_tiny),
             )
         if self.backbone.decoder_only:
             return out[:, input_ids.shape[1] :]

@@ -27,19 +27,22 @@ class Router(threading.local):
         self.slots_np: np.ndarray | None = None
         self.unique: np.ndarray | None = None
         self.attention_mask: torch.Tensor | None = None
+        # a decoding batch's per-row state that banks keep across steps (tiny attention's cache)
+        self.decode = None
         self.bound: int | None = None
 
     @contextmanager
-    def route(self, slot_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None):
-        """Route the rows of one forward pass to their slots."""
+    def route(self, slot_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, decode=None):
+        """Route the rows of one forward pass to their slots (`decode`: the decoding batch's bank cache)."""
         self.slots_np = slot_ids.detach().cpu().numpy().astype(np.int64, copy=False)
         self.unique = np.unique(self.slots_np)
         self.slots = slot_ids
         self.attention_mask = attention_mask
+        self.decode = decode
         try:
             yield self
         finally:
-            self.slots = self.slots_np = self.unique = self.attention_mask = None
+            self.slots = self.slots_np = self.unique = self.attention_mask = self.decode = None
 
     @property
     def single(self) -> int | None:

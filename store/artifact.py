@@ -234,6 +234,20 @@ class TinyAttentionConfig(_Base):
     deploy: Literal["average", "multihead"] = Field(
         default="average", description="Serve the averaged single head, or the exact multi-head form."
     )
+    stacks: list[Literal["encoder", "decoder"]] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Stacks adapted (decoder layers attend causally, over the tokens so far). "
+            "None: the encoder where the backbone has one, else the decoder."
+        ),
+    )
+
+    def stacks_on(self, spec) -> list[str]:
+        """The stacks this adapter adapts on a backbone, in the backbone's order."""
+        if self.stacks is None:
+            return ["encoder"] if spec.num_layers else ["decoder"]
+        return [s for s in spec.stacks if s in self.stacks]
 
 
 class HyperformerConfig(_Base):
@@ -430,9 +444,12 @@ def expected_tensors(config, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
             out[f"{p}.up.bias"] = (spec.inner_dim,)
     if m == "tiny_attention":
         e, k = config.attention_dim, config.num_heads
-        # Encoder stacks only: a decoder would need causal attention over cached context.
+        missing = [st for st in config.stacks or () if st not in spec.stacks]
+        if missing:
+            raise BackboneMismatch(f"tiny attention on the {missing[0]} stack: {spec.family} has none")
+        stacks = config.stacks_on(spec)
         for stack, i, _ in _layers(spec, sites=["attn"]):
-            if stack != "encoder":
+            if stack not in stacks:
                 continue
             p = f"{stack}.{i}.attn.tiny"
             out |= {

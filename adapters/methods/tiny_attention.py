@@ -18,20 +18,15 @@ def average_heads(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiny_stacks(spec) -> list[str]:
-    """Stacks that take tiny attention: encoders (decoders would need causal, cached context)."""
-    return ["encoder"] if spec.num_layers else []
-
-
 class TinyAttention(Method):
-    """Per-row tiny attention over the row's own tokens (padding masked)."""
+    """Per-row tiny attention over the row's own tokens (padding masked; causal in decoders)."""
 
     name = "tiny_attention"
 
     def entries(self, config, tensors, spec, *, banks=None):
-        """One tiny-attention entry per encoder layer; heads averaged unless deploy='multihead'."""
+        """One tiny-attention entry per adapted layer; heads averaged unless deploy='multihead'."""
         out = []
-        for stack in tiny_stacks(spec):
+        for stack in config.stacks_on(spec):
             for i in range(spec.stacks[stack]):
                 key = f"{stack}.{i}.attn"
                 layer = {part: tensors[f"{key}.tiny.{part}"] for part in _PARTS}

@@ -195,6 +195,9 @@ def build_config(
         if method == FULL
         else _served_defaults(METHOD_DEFAULTS[method], backbone)
     )
+    if method == "tiny_attention" and kind == GENERATION and backbone.spec.num_layers:
+        # the decoder writes the answer: a text-to-text task adapts both stacks
+        raw["stacks"] = ["encoder", "decoder"]
     if method != FULL:
         raw |= {"method": method, **(hyper or {}), "layernorm": opts.train_layernorm or method == "layernorm"}
     raw |= {"head": head, "backbone_fingerprint": backbone.spec.fingerprint, "metadata": metadata or {}}

@@ -671,3 +671,26 @@ def test_a_flipped_byte_anywhere_is_detected_on_read(tmp_path: Path) -> None:
                 store.get("tasks", "t", info.version)
             path.write_bytes(original)
             assert store.get("tasks", "t", info.version).info == info
+
+
+def test_tiny_attention_stacks_default_to_the_encoder_and_a_missing_stack_is_refused() -> None:
+    """Artifacts without `stacks` keep their encoder-only layout; a decoder-only model adapts its decoder."""
+    from helpers import wrap
+
+    t5, gpt2 = wrap("t5").spec, wrap("gpt2").spec
+    raw = {"method": "tiny_attention", "attention_dim": 2, "num_heads": 1}
+
+    def stacks_of(spec, **kw) -> dict[str, int]:
+        cfg = parse_config({**raw, **kw, "backbone_fingerprint": spec.fingerprint})
+        names = expected_tensors(cfg, spec)
+        return {s: sum(n.startswith(f"{s}.") for n in names) for s in ("encoder", "decoder")}
+
+    # ten tensors per adapted layer (LN, in, qkv, o, out: weights and biases)
+    assert stacks_of(t5) == {"encoder": 10 * t5.num_layers, "decoder": 0}
+    assert stacks_of(gpt2) == {"encoder": 0, "decoder": 10 * gpt2.num_decoder_layers}
+    both = stacks_of(t5, stacks=["encoder", "decoder"])
+    assert both == {"encoder": 10 * t5.num_layers, "decoder": 10 * t5.num_decoder_layers}
+    with pytest.raises(BackboneMismatch, match="encoder stack"):
+        stacks_of(gpt2, stacks=["encoder"])
+    with pytest.raises(InvalidArtifact):
+        stacks_of(t5, stacks=["middle"])

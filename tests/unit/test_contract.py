@@ -39,7 +39,6 @@ from store.artifact import parse_config
 ALL = (*(f for f in FAMILIES if f not in LLAMA_FAMILIES), "llama")
 WITH_VARIANTS = (*ALL, "mistral", "qwen2")
 SEQ2SEQ = ("t5", "bart")
-NOT_GPT2 = ENCODER_FAMILIES
 SEPARATE_QKV = (*ENCODER_FAMILIES, "llama")
 """Families whose q, k and v are separate projections (GPT-2 fuses them)."""
 
@@ -149,13 +148,17 @@ CASES = [
         ALL,
         banks={"compacter_factored": True, "phm_dim": 4},
     ),
-    Case(
-        "tiny_attention_average", {"method": "tiny_attention", "attention_dim": 4, "num_heads": 2}, NOT_GPT2
-    ),
+    # by default the encoder where there is one, else the decoder (causal: GPT-2 and Llama)
+    Case("tiny_attention_average", {"method": "tiny_attention", "attention_dim": 4, "num_heads": 2}, ALL),
     Case(
         "tiny_attention_multihead",
         {"method": "tiny_attention", "attention_dim": 4, "num_heads": 3, "deploy": "multihead"},
-        NOT_GPT2,
+        ALL,
+    ),
+    Case(
+        "tiny_attention_both_stacks",
+        {"method": "tiny_attention", "attention_dim": 3, "num_heads": 2, "stacks": ["encoder", "decoder"]},
+        SEQ2SEQ,
     ),
 ]
 

@@ -1,4 +1,4 @@
-"""T5, BART and DistilBERT adapters against references the product did not compute.
+"""T5, BART and DistilBERT adapters (and GPT-2's tiny attention) against references the product did not compute.
 
 Where PEFT has the method (LoRA on every projection, IA3), the adapter is made with the real
 `peft` library on a tiny random model, imported through `import_peft`, and our forward must equal
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -121,6 +121,8 @@ FAMILIES = {
         },
         seq2seq=False,
     ),
+    # decoder-only: only the site the causal tiny-attention case adapts
+    "gpt2": Family(stacks={"decoder": ("transformer.h", {"o": "attn.c_proj"})}, seq2seq=False),
 }
 # A sublayer's output projection, and the projection whose input is the sublayer's input.
 OUTPUT_OF = {"attn": "o", "ffn": "ffn_out", "cross": "cross_o"}
@@ -140,6 +142,9 @@ def _outputs(family: str, hf: nn.Module, batch) -> dict[str, torch.Tensor]:
     """Encoder hidden states (and LM logits for seq2seq) of a plain HF model, hooks included."""
     ids, mask = batch.input_ids, batch.attention_mask
     with torch.no_grad():
+        if family == "gpt2":
+            out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            return {"hidden": out.hidden_states[-1], "lm": out.logits}
         if not FAMILIES[family].seq2seq:
             return {"hidden": hf(input_ids=ids, attention_mask=mask).last_hidden_state}
         return {
@@ -151,6 +156,8 @@ def _outputs(family: str, hf: nn.Module, batch) -> dict[str, torch.Tensor]:
 def _ours(family: str, model: MultiTaskModel, batch, slot: int) -> dict[str, torch.Tensor]:
     slots = [slot] * len(batch.lengths)
     out = {"hidden": model.hidden(batch.input_ids, batch.attention_mask, slots)}
+    if family == "gpt2":
+        out["lm"] = model.logits(batch.input_ids, batch.attention_mask, slots)
     if FAMILIES[family].seq2seq:
         out["lm"] = model.logits(
             batch.input_ids, batch.attention_mask, slots, decoder_input_ids=batch.decoder_input_ids
@@ -376,8 +383,17 @@ def _compacter_weights(t: dict, prefix: str, part: str, variant: str) -> torch.T
     return sum(torch.kron(rule[i], factors[i]) for i in range(rule.shape[0]))
 
 
-def _tiny_attention(t: dict, prefix: str, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`out(mean_k O_k(softmax(Q_k K_kᵀ / sqrt(E)) V_k))` over `in(LN(a))`, padding keys masked."""
+def _tiny_attention(
+    t: dict, prefix: str, a: torch.Tensor, mask: torch.Tensor, *, causal=False
+) -> torch.Tensor:
+    """`out(mean_k O_k(softmax(Q_k K_kᵀ / sqrt(E)) V_k))` over `in(LN(a))`, padding keys masked.
+
+    Causal (decoders): token i sees keys j <= i only; a padding token sees itself, so no row is empty.
+    """
+    n = a.shape[1]
+    allowed = mask.bool()[:, None, :n].expand(-1, n, -1)
+    if causal:
+        allowed = (allowed & torch.ones(n, n, dtype=torch.bool).tril()) | torch.eye(n, dtype=torch.bool)
     u = F.layer_norm(a, a.shape[-1:], t[f"{prefix}.ln.weight"], t[f"{prefix}.ln.bias"])
     u = u @ t[f"{prefix}.in.weight"].T + t[f"{prefix}.in.bias"]
     heads, e = t[f"{prefix}.qkv.weight"].shape[0], u.shape[-1]
@@ -386,7 +402,7 @@ def _tiny_attention(t: dict, prefix: str, a: torch.Tensor, mask: torch.Tensor) -
         qkv = u @ t[f"{prefix}.qkv.weight"][k].T + t[f"{prefix}.qkv.bias"][k]
         q, key, v = qkv[..., :e], qkv[..., e : 2 * e], qkv[..., 2 * e :]
         scores = q @ key.transpose(1, 2) / math.sqrt(e)
-        scores = scores.masked_fill(~mask.bool()[:, None, : a.shape[1]], float("-inf"))
+        scores = scores.masked_fill(~allowed, float("-inf"))
         ctx = scores.softmax(-1) @ v
         outs.append(ctx @ t[f"{prefix}.o.weight"][k].T + t[f"{prefix}.o.bias"][k])
     return torch.stack(outs).mean(0) @ t[f"{prefix}.out.weight"].T + t[f"{prefix}.out.bias"]
@@ -462,11 +478,29 @@ def _hook_parallel(hf, family, cfg, t, batch) -> None:
 
 
 def _hook_tiny(hf, family, cfg, t, batch) -> None:
-    """`a + tiny(a)` on every encoder attention output (the encoder's own padding mask)."""
+    """`a + tiny(a)` on the adapted stacks' attention outputs: the encoder's, or causal ones in decoders.
+
+    The stacks are the config's own list, else the encoder where there is one.
+    """
+    stacks = cfg.stacks or (["encoder"] if "encoder" in FAMILIES[family].stacks else ["decoder"])
     for stack, i, path in _sites(family, "o"):
-        if stack == "encoder":
-            p = f"{stack}.{i}.attn.tiny"
-            _add_output(hf, path, lambda _x, y, p=p: _tiny_attention(t, p, y, batch.attention_mask))
+        if stack not in stacks:
+            continue
+        p = f"{stack}.{i}.attn.tiny"
+        if stack == "encoder" or not FAMILIES[family].seq2seq:
+            # the input's padding mask: the encoder's, or a decoder-only model's own tokens
+            _add_output(
+                hf,
+                path,
+                lambda _x, y, p=p, c=stack == "decoder": _tiny_attention(
+                    t, p, y, batch.attention_mask, causal=c
+                ),
+            )
+        else:
+            # a seq2seq decoder's inputs have no padding here
+            _add_output(
+                hf, path, lambda _x, y, p=p: _tiny_attention(t, p, y, torch.ones(y.shape[:2]), causal=True)
+            )
 
 
 @dataclass(frozen=True)
@@ -546,6 +580,30 @@ FORMULA_CASES = [
         ("t5", "bart", "distilbert"),
         _hook_tiny,
     ),
+    FormulaCase(
+        "tiny_attention_causal_in_decoders",
+        {
+            "method": "tiny_attention",
+            "attention_dim": 4,
+            "num_heads": 2,
+            "deploy": "multihead",
+            "stacks": ["decoder"],
+        },
+        ("t5", "bart", "gpt2"),
+        _hook_tiny,
+    ),
+    FormulaCase(
+        "tiny_attention_both_stacks",
+        {
+            "method": "tiny_attention",
+            "attention_dim": 3,
+            "num_heads": 3,
+            "deploy": "multihead",
+            "stacks": ["encoder", "decoder"],
+        },
+        ("t5", "bart"),
+        _hook_tiny,
+    ),
 ]
 FORMULA_PARAMS = [
     pytest.param(case, family, id=f"{case.id}-{family}") for case in FORMULA_CASES for family in case.families
@@ -560,6 +618,16 @@ def formula_models() -> dict[str, MultiTaskModel]:
     }
 
 
+def _left_padded(batch):
+    """The batch with each row's tokens moved to the right end (padding first)."""
+    ids, mask = torch.zeros_like(batch.input_ids), torch.zeros_like(batch.attention_mask)
+    width = ids.shape[1]
+    for i, n in enumerate(batch.lengths):
+        ids[i, width - n :] = batch.input_ids[i, :n]
+        mask[i, width - n :] = 1
+    return replace(batch, input_ids=ids, attention_mask=mask)
+
+
 @pytest.mark.parametrize(("case", "family"), FORMULA_PARAMS)
 def test_method_equals_hand_written_reference(formula_models, case: FormulaCase, family: str) -> None:
     """Our forward equals the plain HF model with the formula hooked in, within 1e-5."""
@@ -568,6 +636,8 @@ def test_method_equals_hand_written_reference(formula_models, case: FormulaCase,
     t = random_tensors(cfg, model.spec, seed=7)
     model.load(1, cfg, t)
     batch = make_batch(LENGTHS, family=family, seed=2)
+    if family == "gpt2":
+        batch = _left_padded(batch)  # as decoding pads prompts: the causal mask must skip the padding
     base = _outputs(family, build_hf(family, 0), batch)
     hf = build_hf(family, 0)
     case.hook(hf, family, cfg, t, batch)
