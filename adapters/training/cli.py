@@ -3,6 +3,7 @@ and `adapterserve train-hyper` (a hypernetwork over several tasks).
 
 adapterserve train --glue SST-2 --method lora --out out/sst2 [--upload URL]
 adapterserve train-hyper --glue SST-2,MRPC --out out/glue
+adapterserve train-hyper --task sum=sum.tsv,sum_dev.tsv --task qa=qa.tsv --task-type generation --out out/t5
 python -m adapters.training.cli ...        # `adapterserve train ...`, without the service's CLI
 """
 
@@ -83,6 +84,27 @@ def add_budget_arguments(
     group.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _file_arguments(group, *, kinds: tuple[str, ...], embedding_help: str = "") -> None:
+    """How examples are read from CSV/TSV/JSONL files, and what kind of task they are."""
+    group.add_argument("--text-column", default="text", help="column (or 0-based index) of the text")
+    group.add_argument("--text-pair-column", help="column of the second text of a pair")
+    group.add_argument("--label-column", default="label", help="column of the label or target")
+    group.add_argument("--no-header", action="store_true", help="the CSV/TSV files have no header row")
+    group.add_argument(
+        "--task-type",
+        choices=kinds,
+        default="auto",
+        help=f"auto: regression when the targets are floats{embedding_help}; generation: the label column "
+        "is the text to write (T5, BART, GPT-2, Llama backbones; served as generated_text)",
+    )
+    group.add_argument(
+        "--max-target-length",
+        type=int,
+        default=64,
+        help="generation: tokens per target, its end-of-sequence token included",
+    )
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `train` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -97,28 +119,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--train-file", type=Path, help="training examples (.csv, .tsv or .jsonl)")
     data.add_argument("--dev-file", type=Path, help="dev examples, for evaluation and early stopping")
     data.add_argument("--glue-dir", type=Path, help="GLUE directory (default: $ADAPTERSERVE_GLUE_DIR)")
-    data.add_argument("--text-column", default="text", help="column (or 0-based index) of the text")
-    data.add_argument("--text-pair-column", help="column of the second text of a pair")
-    data.add_argument("--label-column", default="label", help="column of the label or target")
-    data.add_argument("--no-header", action="store_true", help="the CSV/TSV files have no header row")
     data.add_argument(
         "--label-names",
         metavar="NAME,...",
         help="names the head gives the task's labels, in their order (e.g. negative,positive for SST-2's 0,1)",
     )
-    data.add_argument(
-        "--task-type",
-        choices=("auto", "classification", "regression", "embedding", "generation"),
-        default="auto",
-        help="auto: regression when the targets are floats; embedding: sentence pairs with similarity "
-        "scores, trained by cosine (an embedding task, served on /v1/embeddings); generation: the label "
-        "column is the text to write (T5, BART, GPT-2, Llama backbones; served as generated_text)",
-    )
-    data.add_argument(
-        "--max-target-length",
-        type=int,
-        default=64,
-        help="generation: tokens per target, its end-of-sequence token included",
+    _file_arguments(
+        data,
+        kinds=("auto", "classification", "regression", "embedding", "generation"),
+        embedding_help="; embedding: sentence pairs with similarity scores, trained by cosine (an embedding "
+        "task, served on /v1/embeddings)",
     )
     m = p.add_argument_group("method")
     m.add_argument(
@@ -361,11 +371,19 @@ def add_train_hyper_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `train-hyper` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser(
         "train-hyper",
-        help="train a Hyperformer hypernetwork, task embeddings and heads over several GLUE tasks",
+        help="train a Hyperformer hypernetwork, task embeddings and heads over several tasks (GLUE or files)",
         description="Multi-task training of a shared hypernetwork; writes a seed-directory layout: "
         "OUT/hypernetworks/NAME/ and OUT/<task>/ per task.",
     )
-    p.add_argument("--glue", required=True, help="comma-separated GLUE tasks, e.g. SST-2,MRPC,CoLA,STS-B")
+    p.add_argument("--glue", help="comma-separated GLUE tasks, e.g. SST-2,MRPC,CoLA,STS-B")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        dest="file_tasks",
+        metavar="NAME=TRAIN[,DEV]",
+        help="a task from CSV/TSV/JSONL files (repeatable; read as the file flags below say)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (a seed directory layout)")
     p.add_argument("--name", default="glue", help="hypernetwork name (tasks refer to it)")
     p.add_argument("--temperature", type=float, default=1.0, help="task sampling ~ size ** (1 / T)")
@@ -375,6 +393,9 @@ def add_train_hyper_parser(subparsers) -> argparse.ArgumentParser:
         default=[],
         metavar="TASK=NAMES",
         help="names a task's head gives its labels, in their order, e.g. SST-2=negative,positive (repeatable)",
+    )
+    _file_arguments(
+        p.add_argument_group("--task files"), kinds=("auto", "classification", "regression", "generation")
     )
     h = p.add_argument_group("hypernetwork")
     h.add_argument("--variant", choices=("hyperformer++", "hyperformer"), default="hyperformer++")
@@ -400,6 +421,18 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _file_task(args: argparse.Namespace, item: str) -> TaskData:
+    """One `--task NAME=TRAIN[,DEV]` of train-hyper, read like `train --train-file`."""
+    name, sep, files = item.partition("=")
+    train_file, _, dev_file = files.partition(",")
+    if not sep or not name or not train_file:
+        raise ValueError(f"--task {item!r}: expected NAME=TRAIN[,DEV]")
+    ns = argparse.Namespace(**vars(args))
+    ns.glue, ns.task, ns.label_names = None, name, None
+    ns.train_file, ns.dev_file = Path(train_file), Path(dev_file) if dev_file else None
+    return task_data(ns)
+
+
 def run_train_hyper(args: argparse.Namespace) -> int:
     """Entry of `adapterserve train-hyper`."""
     import os
@@ -410,7 +443,10 @@ def run_train_hyper(args: argparse.Namespace) -> int:
 
     _threads(args)
     try:
-        tasks = [load_glue(n.strip(), root=args.glue_dir) for n in args.glue.split(",") if n.strip()]
+        if not args.glue and not args.file_tasks:
+            raise ValueError("give --glue TASKS or --task NAME=TRAIN[,DEV] (or both)")
+        glue = [n.strip() for n in (args.glue or "").split(",") if n.strip()]
+        tasks = [load_glue(n, root=args.glue_dir) for n in glue]
         known = {t.name.lower() for t in tasks}
         names = {}
         for item in args.label_names:
@@ -419,6 +455,9 @@ def run_train_hyper(args: argparse.Namespace) -> int:
                 raise ValueError(f"--label-names {item!r}: expected TASK=NAMES for one of the --glue tasks")
             names[task.lower()] = labels
         tasks = [rename_labels(t, names.get(t.name.lower())) for t in tasks]
+        tasks += [_file_task(args, item) for item in args.file_tasks]
+        if len({t.name.lower() for t in tasks}) < len(tasks):
+            raise ValueError("two tasks have one name")
     except (OSError, ValueError) as exc:
         print(f"adapterserve train-hyper: {exc}", file=sys.stderr)
         return 2

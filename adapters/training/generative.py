@@ -126,14 +126,18 @@ def lm_loss(model: MultiTaskModel, data: TextPairs, idx: Sequence[int]) -> torch
 
 @torch.no_grad()
 def evaluate_generation(
-    model: MultiTaskModel, config, tensors: dict[str, torch.Tensor] | None, data: TextPairs
+    model: MultiTaskModel, config, tensors: dict[str, torch.Tensor] | None, data: TextPairs, *, bound=False
 ) -> dict[str, float]:
-    """Exact match, token accuracy, mean target loss and `score` on `data`; `tensors` None: the plain backbone."""
+    """Exact match, token accuracy, mean target loss and `score` on `data`.
+
+    `tensors` None: the plain backbone, unless `bound` says slot 1 already computes with the adapter
+    (a hypernetwork's generated one).
+    """
     if not len(data):
         return {}
     was = model.backbone.model.training
     model.backbone.model.eval()
-    slot = 0
+    slot = 1 if bound else 0
     try:
         if tensors is not None:
             model.bind(config, tensors)

@@ -42,7 +42,8 @@ from adapters.training.data import (
     tokenize,
 )
 from adapters.training.export import write_artifact
-from adapters.training.names import HYPER_DEFAULTS, HYPER_LR
+from adapters.training.generative import TextPairs, evaluate_generation, lm_loss
+from adapters.training.names import GENERATION, HYPER_DEFAULTS, HYPER_LR
 from adapters.training.trainer import TrainOptions
 from store.artifact import HypernetworkConfig, expected_tensors, hypernetwork_tensors, parse_config
 from store.base import is_valid_name
@@ -157,6 +158,9 @@ def _task_config(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: 
         "labels": task.labels if task.kind != "regression" else [],
         "pooling": opts.pooling,
     }
+    if task.kind == GENERATION:
+        # the backbone's own language-model head writes the answer
+        head = None
     return parse_config(
         {
             "method": "hyperformer",
@@ -169,6 +173,8 @@ def _task_config(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: 
 
 
 def _head_init(config, spec, *, generator: torch.Generator, target_mean: float) -> dict[str, torch.Tensor]:
+    if config.head is None:
+        return {}
     shapes = {k: s for k, s in expected_tensors(config, spec).items() if k.startswith("head.")}
     out = {
         k: torch.randn(s, generator=generator) * 0.02 if k.endswith("weight") else torch.zeros(s)
@@ -214,6 +220,14 @@ class _Task:
     dev: Dataset
     batches: Batches
     dev_batches: Batches
+    texts: TextPairs | None = None
+    """A generation task's inputs and targets (`train` is then their bucketing lengths)."""
+    dev_texts: TextPairs | None = None
+
+    @property
+    def outputs(self) -> int:
+        """Head outputs (0 for a generation task, which has no head)."""
+        return self.config.head.num_outputs if self.config.head is not None else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"task_embedding": self.embedding, **self.head}
@@ -226,9 +240,26 @@ def _prepare(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: int,
 
     tok = backbone.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
-    train = tokenize(tok, subset(task.train, opts.max_train_examples, g), **enc)
-    dev = tokenize(tok, subset(task.dev, opts.max_dev_examples, g), **enc)
+    train_ex = subset(task.train, opts.max_train_examples, g)
+    dev_ex = subset(task.dev, opts.max_dev_examples, g)
+    texts = dev_texts = None
+    if task.kind == GENERATION:
+        if not backbone.generative:
+            raise ValueError(
+                f"{task.name} is a generation task: it needs a generative backbone (T5, BART, GPT-2, "
+                f"Llama); {backbone.spec.name} is not"
+            )
+        gen = {
+            "max_length": opts.max_length,
+            "max_target_length": opts.max_target_length,
+            "decoder_only": backbone.decoder_only,
+        }
+        texts, dev_texts = TextPairs(tok, train_ex, **gen), TextPairs(tok, dev_ex, **gen)
+        train, dev = texts.data, dev_texts.data
+        pad = texts.pad_id
+    else:
+        enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}
+        train, dev = tokenize(tok, train_ex, **enc), tokenize(tok, dev_ex, **enc)
     config = _task_config(task, backbone, hypernetwork=hypernetwork, dim=dim, opts=opts)
     mean = float(train.targets.float().mean()) if task.kind == "regression" else 0.0
     dev_ = {"device": backbone.device, "dtype": backbone.dtype}
@@ -246,6 +277,8 @@ def _prepare(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: int,
         dev=dev,
         batches=Batches(train, batch_size=opts.batch_size, pad_id=pad),
         dev_batches=Batches(dev, batch_size=64, pad_id=pad),
+        texts=texts,
+        dev_texts=dev_texts,
     )
 
 
@@ -268,6 +301,9 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
 def _evaluate(model: MultiTaskModel, net: Hypernetwork, task: _Task) -> dict[str, float]:
     if not len(task.dev):
         return {}
+    if task.dev_texts is not None:
+        _bind(model, net, task)
+        return evaluate_generation(model, task.config, None, task.dev_texts, bound=True)
     was = model.backbone.model.training
     model.backbone.model.eval()
     try:
@@ -351,11 +387,14 @@ def _fit(
             if not queues[i]:
                 queues[i] = tasks[i].batches.epoch(g)
             idx = queues[i].pop()
-            ids, mask, y = tasks[i].batches.collate(idx)
-            extra = {k: v.to(dev_) for k, v in tasks[i].batches.extra(idx).items()}
             _bind(model, net, tasks[i])
-            out = model.train_forward(ids.to(dev_), mask.to(dev_), **extra)
-            loss = _loss(out.logits[:, : tasks[i].config.head.num_outputs], y.to(dev_), tasks[i].data.kind)
+            if tasks[i].texts is not None:
+                loss = lm_loss(model, tasks[i].texts, idx)
+            else:
+                ids, mask, y = tasks[i].batches.collate(idx)
+                extra = {k: v.to(dev_) for k, v in tasks[i].batches.extra(idx).items()}
+                out = model.train_forward(ids.to(dev_), mask.to(dev_), **extra)
+                loss = _loss(out.logits[:, : tasks[i].outputs], y.to(dev_), tasks[i].data.kind)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if opts.max_grad_norm:
@@ -419,7 +458,7 @@ def train_hyper(
     prepared = [
         _prepare(t, backbone, hypernetwork=name, dim=config.task_embedding_dim, opts=opts, g=g) for t in tasks
     ]
-    width = max(t.config.head.num_outputs for t in prepared)
+    width = max(t.outputs for t in prepared)
     model = MultiTaskModel(backbone, banks=_bank_config(config, width))
     groups = [
         {"params": list(net.parameters())},
@@ -456,7 +495,7 @@ def train_hyper(
             for k, p in t.head.items():
                 p.copy_(best[t.data.name][k])
         dev = _evaluate(model, net, t)
-        meta = _metadata(t, opts=opts, steps=steps, dev=dev, trained_with="adapterserve train-hyper")
+        meta = _metadata(t, model, opts=opts, steps=steps, dev=dev, trained_with="adapterserve train-hyper")
         results.append(
             TaskResult(
                 task_name(t.data),
@@ -484,7 +523,9 @@ def train_hyper(
     )
 
 
-def _metadata(t: _Task, *, opts: TrainOptions, steps: int, dev: dict, trained_with: str) -> dict:
+def _metadata(
+    t: _Task, model: MultiTaskModel, *, opts: TrainOptions, steps: int, dev: dict, trained_with: str
+) -> dict:
     meta: dict = {
         "task": t.data.name,
         "trained_with": trained_with,
@@ -498,8 +539,12 @@ def _metadata(t: _Task, *, opts: TrainOptions, steps: int, dev: dict, trained_wi
         meta["dev_metric"] = "+".join(t.data.metrics)
         meta["dev_examples"] = len(t.dev)
         meta |= {f"dev_{k}": round(v, 6) for k, v in dev.items()}
-        # the majority-class (or mean-target) score on the same dev examples, as `train` records it
-        base = baseline_metrics(t.train, t.dev, kind=t.data.kind, metrics=t.data.metrics)
+        # the majority-class (or mean-target) score on the same dev examples, as `train` records it;
+        # for a generation task, the plain backbone's own outputs (slot 0)
+        if t.dev_texts is not None:
+            base = evaluate_generation(model, t.config, None, t.dev_texts)
+        else:
+            base = baseline_metrics(t.train, t.dev, kind=t.data.kind, metrics=t.data.metrics)
         meta |= {f"baseline_{k}": round(v, 6) for k, v in base.items()}
     return meta
 
@@ -555,7 +600,7 @@ def train_task_embedding(
     g = torch.Generator().manual_seed(opts.seed)
     net = hypernetwork.eval().requires_grad_(False)
     t = _prepare(task, backbone, hypernetwork=name, dim=net.config.task_embedding_dim, opts=opts, g=g)
-    model = MultiTaskModel(backbone, banks=_bank_config(net.config, t.config.head.num_outputs))
+    model = MultiTaskModel(backbone, banks=_bank_config(net.config, t.outputs))
     groups = [{"params": [t.embedding, *t.head.values()]}]
     _, steps, best = _fit(
         model,
@@ -575,7 +620,9 @@ def train_task_embedding(
             for k, p in t.head.items():
                 p.copy_(best[k])
     dev = _evaluate(model, net, t)
-    meta = _metadata(t, opts=opts, steps=steps, dev=dev, trained_with="adapterserve train --hypernetwork")
+    meta = _metadata(
+        t, model, opts=opts, steps=steps, dev=dev, trained_with="adapterserve train --hypernetwork"
+    )
     return TaskResult(
         task_name(task), t.config.model_copy(update={"metadata": meta}), t.snapshot(), dev, len(t.train)
     )
