@@ -1,0 +1,182 @@
+"""The learning-rate sweep behind the trainer's defaults: each method at multiples of its default rate.
+
+    python bench/sweep.py --tasks CoLA,MRPC --methods bottleneck,parallel,lora --factors 1,3,10 \
+        --dir sweep/ [--resume table.json] [--out sweep.md] -- [bench/quality.py budget flags]
+
+Every (task, factor) pair is one `bench/quality.py` run whose rows train each method at
+factor x its `DEFAULT_LR` (factor 1: the default itself, so rows of an earlier quality table at the same
+budget are reused through `--resume`), written to `DIR/TASK-xFACTOR.json`; a rerun reuses what
+those files hold, so an interrupted sweep continues, and two sweeps over different tasks can share a
+directory. The report shows each method's score per rate and task, and the rate with the best mean
+over the tasks: the value the defaults table cites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # run as a script: import from the repository root, not bench/ (whose http.py would shadow the stdlib's)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import log
+from bench.quality import ROW_NAMES, VARIANTS, _names, _rows_of
+
+__all__ = ["choose", "default_lr", "main", "render"]
+
+SWEPT = ("bottleneck", "parallel", "mh_parallel", "lora", "ia3", "mam", "compacter", "tiny_attention")
+"""One row per key of `DEFAULT_LR` (the variants share their method's rate; prefix has its own sweep)."""
+
+
+def default_lr(method: str) -> float:
+    """The trainer's default peak rate of a quality-table row (variants use their method's)."""
+    from adapters.training.trainer import DEFAULT_LR
+
+    return DEFAULT_LR[VARIANTS.get(method, (method, None))[0]]
+
+
+def _label(factor: float) -> str:
+    return f"x{factor:g}"
+
+
+def _run_file(directory: Path, task: str, factor: float) -> Path:
+    return directory / f"{task}-{_label(factor)}.json"
+
+
+def collect(paths: list[Path], *, methods: list[str], tasks: list[str]) -> dict[tuple[str, str, float], dict]:
+    """Rows of quality runs by (task, method, rate): a row without a rate in its budget ran at the default."""
+    out: dict[tuple[str, str, float], dict] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        rows, _ = _rows_of(path)
+        for (task, method, _), row in rows.items():
+            if task in tasks and method in methods:
+                lr = row["budget"].get("lr") or default_lr(method)
+                out[(task, method, float(f"{lr:.3g}"))] = row
+    return out
+
+
+def choose(
+    rows: dict[tuple[str, str, float], dict], *, method: str, tasks: list[str], rates: list[float]
+) -> tuple[float | None, dict[float, float]]:
+    """Mean dev score per rate over the tasks every such rate was measured on, and the best rate."""
+    means = {}
+    for lr in rates:
+        scores = [rows[(t, method, lr)]["dev"]["score"] for t in tasks if (t, method, lr) in rows]
+        if len(scores) == len(tasks):
+            means[lr] = sum(scores) / len(scores)
+    best = max(means, key=means.get) if means else None
+    return best, means
+
+
+def render(
+    rows: dict[tuple[str, str, float], dict], *, methods: list[str], tasks: list[str], factors: list[float]
+) -> str:
+    """The sweep as markdown: score per method, rate and task; the best mean rate in bold."""
+    lines = [
+        "| method | rate | " + " | ".join(tasks) + " | mean |",
+        "|---|---:|" + "---:|" * (len(tasks) + 1),
+    ]
+    summary = [
+        "| method | default | best rate | mean at default | mean at best |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    missing = []
+    for method in methods:
+        rates = [float(f"{default_lr(method) * f:.3g}") for f in factors]
+        best, means = choose(rows, method=method, tasks=tasks, rates=rates)
+        for lr in rates:
+            cells = []
+            for task in tasks:
+                row = rows.get((task, method, lr))
+                cells.append(f"{100 * row['dev']['score']:.1f}" if row else "—")
+                if row is None:
+                    missing.append(f"{task} {method} at {lr:g}")
+            mean = f"{100 * means[lr]:.1f}" if lr in means else "—"
+            if lr == best:
+                mean = f"**{mean}**"
+            lines.append(f"| {ROW_NAMES[method]} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+        base = float(f"{default_lr(method):.3g}")
+        if best is not None:
+            at_default = f"{100 * means[base]:.1f}" if base in means else "—"
+            summary.append(
+                f"| {ROW_NAMES[method]} | {base:g} | {best:g} | {at_default} | {100 * means[best]:.1f} |"
+            )
+        else:
+            summary.append(f"| {ROW_NAMES[method]} | {base:g} | not measured | | |")
+    out = [
+        *lines,
+        "",
+        "Best mean over " + ", ".join(tasks) + " (rates with every task measured):",
+        "",
+        *summary,
+    ]
+    if missing:
+        out += ["", "Not measured: " + ", ".join(missing) + "."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the quality rows each (task, factor) still lacks, then write the sweep's report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, passed = argv[:at], argv[at + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="CoLA,MRPC")
+    p.add_argument("--methods", default=",".join(SWEPT))
+    p.add_argument("--factors", default="1,3,10", help="multiples of each method's default rate (comma list)")
+    p.add_argument("--dir", type=Path, required=True, help="one quality JSON per (task, factor) is kept here")
+    p.add_argument(
+        "--resume", type=Path, action="append", default=[], help="earlier quality runs' --json files to reuse"
+    )
+    p.add_argument("--out", type=Path, help="write the report here (default: DIR/sweep.md)")
+    p.add_argument("--no-train", action="store_true", help="only write the report from what was measured")
+    args = p.parse_args(argv)
+    tasks, methods = _names(args.tasks), _names(args.methods)
+    factors = [float(f) for f in _names(args.factors)]
+    unknown = [
+        m for m in methods if m not in ROW_NAMES or m in ("full", "peft_lora", "hyper_multi", "hyper_new")
+    ]
+    if unknown:
+        raise SystemExit(f"cannot sweep {unknown}: the sweep is over adapter methods with a default rate")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_train:
+        from bench import quality
+
+        for factor in factors:
+            for task in tasks:
+                path = _run_file(args.dir, task, factor)
+                rates = [] if factor == 1 else [f"--lr-for={m}={default_lr(m) * factor:.3g}" for m in methods]
+                resume = [f"--resume={r}" for r in [*args.resume, path] if r.exists()]
+                quality.main(
+                    [
+                        *passed,
+                        f"--tasks={task}",
+                        f"--methods={','.join(methods)}",
+                        *rates,
+                        *resume,
+                        f"--json={path}",
+                        f"--out={path.with_suffix('.md')}",
+                    ]
+                )
+                _write(args, tasks=tasks, methods=methods, factors=factors)
+    _write(args, tasks=tasks, methods=methods, factors=factors)
+    return 0
+
+
+def _write(args, *, tasks: list[str], methods: list[str], factors: list[float]) -> None:
+    paths = [*args.resume, *sorted(args.dir.glob("*-x*.json"))]
+    rows = collect(paths, methods=methods, tasks=tasks)
+    text = render(rows, methods=methods, tasks=tasks, factors=factors)
+    out = args.out or args.dir / "sweep.md"
+    out.write_text(text, encoding="utf-8")
+    log(f"sweep report: {out} ({len(rows)} rows from {len(paths)} files)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
