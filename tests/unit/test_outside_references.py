@@ -1,10 +1,12 @@
-"""T5, BART and DistilBERT adapters (and GPT-2's tiny attention) against references the product did not compute.
+"""T5, BART, DistilBERT, GPT-2 and Llama adapters against references the product did not compute.
 
 Where PEFT has the method (LoRA on every projection, IA3), the adapter is made with the real
 `peft` library on a tiny random model, imported through `import_peft`, and our forward must equal
-PEFT's own (encoder hidden states, and LM logits for the seq2seq families). Where no library has
-the method on these families (bottleneck, parallel, Compacter, tiny attention), the reference is
-the plain Hugging Face model with forward hooks that compute the method's formula in plain torch.
+PEFT's own (encoder hidden states, and LM logits for the seq2seq families); the Llama family's
+PEFT cases live in `test_import_peft_llama.py`. Where no library has the method on these families
+(bottleneck, parallel, Compacter, tiny attention; prefix tuning on DistilBERT, whose attention takes
+no cache), the reference is the plain Hugging Face model with forward hooks that compute the method's
+formula in plain torch.
 
 The module path of every site is written out here, in the test, independently of
 `adapters/arch/`: a wrong entry in the product's site tables then shows up as a difference.
@@ -116,14 +118,41 @@ FAMILIES = {
                     "ffn_out": "ffn.lin2",
                     "attn_ln": "sa_layer_norm",
                     "ffn_ln": "output_layer_norm",
+                    "attention": "attention",  # the self-attention module (the prefix hook replaces it)
                 },
             )
         },
         seq2seq=False,
     ),
-    # decoder-only: only the site the causal tiny-attention case adapts
-    "gpt2": Family(stacks={"decoder": ("transformer.h", {"o": "attn.c_proj"})}, seq2seq=False),
+    # decoder-only; GPT-2's fused c_attn reads the attention sublayer's input, as a q projection does
+    "gpt2": Family(
+        stacks={
+            "decoder": (
+                "transformer.h",
+                {"q": "attn.c_attn", "o": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_out": "mlp.c_proj"},
+            )
+        },
+        seq2seq=False,
+    ),
+    # pre-RMSNorm, gated MLP `down(act(gate(x)) * up(x))`: up_proj and gate_proj both read the FFN input
+    "llama": Family(
+        stacks={
+            "decoder": (
+                "model.layers",
+                {
+                    "q": "self_attn.q_proj",
+                    "k": "self_attn.k_proj",
+                    "v": "self_attn.v_proj",
+                    "o": "self_attn.o_proj",
+                    "ffn_in": "mlp.up_proj",
+                    "ffn_out": "mlp.down_proj",
+                },
+            )
+        },
+        seq2seq=False,
+    ),
 }
+DECODER_ONLY = ("gpt2", "llama")
 # A sublayer's output projection, and the projection whose input is the sublayer's input.
 OUTPUT_OF = {"attn": "o", "ffn": "ffn_out", "cross": "cross_o"}
 INPUT_OF = {"attn": "q", "ffn": "ffn_in", "cross": "cross_q"}
@@ -142,7 +171,7 @@ def _outputs(family: str, hf: nn.Module, batch) -> dict[str, torch.Tensor]:
     """Encoder hidden states (and LM logits for seq2seq) of a plain HF model, hooks included."""
     ids, mask = batch.input_ids, batch.attention_mask
     with torch.no_grad():
-        if family == "gpt2":
+        if family in DECODER_ONLY:
             out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             return {"hidden": out.hidden_states[-1], "lm": out.logits}
         if not FAMILIES[family].seq2seq:
@@ -156,7 +185,7 @@ def _outputs(family: str, hf: nn.Module, batch) -> dict[str, torch.Tensor]:
 def _ours(family: str, model: MultiTaskModel, batch, slot: int) -> dict[str, torch.Tensor]:
     slots = [slot] * len(batch.lengths)
     out = {"hidden": model.hidden(batch.input_ids, batch.attention_mask, slots)}
-    if family == "gpt2":
+    if family in DECODER_ONLY:
         out["lm"] = model.logits(batch.input_ids, batch.attention_mask, slots)
     if FAMILIES[family].seq2seq:
         out["lm"] = model.logits(
@@ -503,6 +532,37 @@ def _hook_tiny(hf, family, cfg, t, batch) -> None:
             )
 
 
+def _prefix_attention(att: nn.Module, heads: int, key, value, x: torch.Tensor, mask) -> torch.Tensor:
+    """Self-attention whose keys and values start with the prefix's (always visible); padding keys masked."""
+    b, n, d = x.shape
+    dh = d // heads
+    k = torch.cat([key.expand(b, -1, -1), att.k_lin(x)], dim=1)
+    v = torch.cat([value.expand(b, -1, -1), att.v_lin(x)], dim=1)
+
+    def split(z):
+        return z.reshape(b, z.shape[1], heads, dh).transpose(1, 2)
+
+    scores = split(att.q_lin(x)) @ split(k).transpose(-1, -2) / math.sqrt(dh)
+    allowed = torch.cat([torch.ones(b, key.shape[0], dtype=torch.bool), mask.bool()], dim=1)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    ctx = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
+    return att.out_lin(ctx)
+
+
+def _hook_prefix(hf, family, cfg, t, batch) -> None:
+    """Each layer's self-attention recomputed with the layer's prefix keys/values prepended."""
+    heads = hf.config.n_heads
+    for stack, i, path in _sites(family, "attention"):
+        p = f"{stack}.{i}.attn.prefix"
+
+        def hook(m, args, kwargs, out, p=p):
+            x = args[0] if args else kwargs["hidden_states"]
+            ours = _prefix_attention(m, heads, t[f"{p}.key"], t[f"{p}.value"], x, batch.attention_mask)
+            return (ours, *out[1:])
+
+        hf.get_submodule(path).register_forward_hook(hook, with_kwargs=True)
+
+
 @dataclass(frozen=True)
 class FormulaCase:
     """A native method config, the families it runs on, and the hooks that compute its reference."""
@@ -517,7 +577,7 @@ FORMULA_CASES = [
     FormulaCase(
         "bottleneck_houlsby",
         {"method": "bottleneck", "bottleneck_dim": 8, "sites": ["attn", "ffn"], "activation": "relu"},
-        ("t5", "bart", "distilbert"),
+        ("t5", "bart", "distilbert", "gpt2", "llama"),
         _hook_sequential,
     ),
     FormulaCase(
@@ -553,7 +613,7 @@ FORMULA_CASES = [
             "activation": "relu",
             "scaling": 4.0,
         },
-        ("t5", "bart", "distilbert"),
+        ("t5", "bart", "distilbert", "gpt2", "llama"),
         _hook_parallel,
     ),
     FormulaCase(
@@ -565,7 +625,7 @@ FORMULA_CASES = [
             "phm_dim": 4,
             "activation": "gelu",
         },
-        ("t5", "bart", "distilbert"),
+        ("t5", "bart", "distilbert", "llama"),
         _hook_sequential,
     ),
     FormulaCase(
@@ -589,7 +649,7 @@ FORMULA_CASES = [
             "deploy": "multihead",
             "stacks": ["decoder"],
         },
-        ("t5", "bart", "gpt2"),
+        ("t5", "bart", "gpt2", "llama"),
         _hook_tiny,
     ),
     FormulaCase(
@@ -604,6 +664,9 @@ FORMULA_CASES = [
         ("t5", "bart"),
         _hook_tiny,
     ),
+    # T5/BART prefixes are checked against their own single-task forwards only (relative position
+    # bias and PEFT's seq2seq layout leave no outside reference); BERT and Llama have PEFT's
+    FormulaCase("prefix", {"method": "prefix", "prefix_length": 3}, ("distilbert",), _hook_prefix),
 ]
 FORMULA_PARAMS = [
     pytest.param(case, family, id=f"{case.id}-{family}") for case in FORMULA_CASES for family in case.families
@@ -636,7 +699,7 @@ def test_method_equals_hand_written_reference(formula_models, case: FormulaCase,
     t = random_tensors(cfg, model.spec, seed=7)
     model.load(1, cfg, t)
     batch = make_batch(LENGTHS, family=family, seed=2)
-    if family == "gpt2":
+    if family in DECODER_ONLY:
         batch = _left_padded(batch)  # as decoding pads prompts: the causal mask must skip the padding
     base = _outputs(family, build_hf(family, 0), batch)
     hf = build_hf(family, 0)
