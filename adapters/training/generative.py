@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from adapters.model import MultiTaskModel
 from adapters.training.data import Batches, Dataset, Example
 
-__all__ = ["GENERATION_METRICS", "TextPairs", "evaluate_generation", "lm_loss", "pad_rows"]
+__all__ = ["GENERATION_METRICS", "TextPairs", "evaluate_generation", "lm_loss", "pad_rows", "text_pairs"]
 
 GENERATION_METRICS = ("exact_match", "token_accuracy")
 """What a generation task is scored by: greedy outputs equal to the target (whitespace-normalised),
@@ -99,6 +99,29 @@ class TextPairs:
         ids, mask = pad_rows(rows, self.pad_id)
         lab, _ = pad_rows(labels, IGNORE)
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def text_pairs(
+    backbone,
+    name: str,
+    train: Sequence[Example],
+    dev: Sequence[Example],
+    *,
+    max_length: int,
+    max_target_length: int,
+) -> tuple[TextPairs, TextPairs]:
+    """A generation task's train and dev pairs; refused on a backbone that cannot generate."""
+    if not backbone.generative:
+        raise ValueError(
+            f"{name} is a generation task: it needs a generative backbone (T5, BART, GPT-2, Llama); "
+            f"{backbone.spec.name} is not"
+        )
+    kw = {
+        "max_length": max_length,
+        "max_target_length": max_target_length,
+        "decoder_only": backbone.decoder_only,
+    }
+    return TextPairs(backbone.tokenizer, train, **kw), TextPairs(backbone.tokenizer, dev, **kw)
 
 
 def _aligned(

@@ -42,7 +42,7 @@ from adapters.training.data import (
     tokenize,
 )
 from adapters.training.export import write_artifact
-from adapters.training.generative import TextPairs, evaluate_generation, lm_loss
+from adapters.training.generative import TextPairs, evaluate_generation, lm_loss, text_pairs
 from adapters.training.names import GENERATION, HYPER_DEFAULTS, HYPER_LR
 from adapters.training.trainer import TrainOptions
 from store.artifact import HypernetworkConfig, expected_tensors, hypernetwork_tensors, parse_config
@@ -244,17 +244,8 @@ def _prepare(task: TaskData, backbone: Backbone, *, hypernetwork: str, dim: int,
     dev_ex = subset(task.dev, opts.max_dev_examples, g)
     texts = dev_texts = None
     if task.kind == GENERATION:
-        if not backbone.generative:
-            raise ValueError(
-                f"{task.name} is a generation task: it needs a generative backbone (T5, BART, GPT-2, "
-                f"Llama); {backbone.spec.name} is not"
-            )
-        gen = {
-            "max_length": opts.max_length,
-            "max_target_length": opts.max_target_length,
-            "decoder_only": backbone.decoder_only,
-        }
-        texts, dev_texts = TextPairs(tok, train_ex, **gen), TextPairs(tok, dev_ex, **gen)
+        lengths = {"max_length": opts.max_length, "max_target_length": opts.max_target_length}
+        texts, dev_texts = text_pairs(backbone, task.name, train_ex, dev_ex, **lengths)
         train, dev = texts.data, dev_texts.data
         pad = texts.pad_id
     else:

@@ -42,7 +42,7 @@ from adapters.training.data import (
     tokenize,
 )
 from adapters.training.embedding import PairData, cosine_loss, evaluate_pairs, score_range
-from adapters.training.generative import TextPairs, evaluate_generation, lm_loss
+from adapters.training.generative import evaluate_generation, lm_loss, text_pairs
 from adapters.training.init import bank_config, init_tensors
 from adapters.training.names import EMBEDDING, FULL, GENERATION
 from adapters.training.prefix import PrefixMLP
@@ -308,10 +308,6 @@ def train(
     dev_ex = subset(task.dev, opts.max_dev_examples, g)
     embedding = task.kind == EMBEDDING
     generation = task.kind == GENERATION
-    if generation and not backbone.generative:
-        raise ValueError(
-            f"a generation task needs a generative backbone (T5, BART, GPT-2, Llama); {backbone.spec.name} is not"
-        )
     if embedding:
         low, high = score_range(train_ex)
         pair_kw = {"max_length": opts.max_length, "pad_id": pad}
@@ -319,12 +315,8 @@ def train(
         dev_pairs = PairData(tok, dev_ex, batch_size=64, **pair_kw)
         train_data, dev_data = pairs.first.data, dev_pairs.first.data
     elif generation:
-        gen_kw = {
-            "max_length": opts.max_length,
-            "max_target_length": opts.max_target_length,
-            "decoder_only": backbone.decoder_only,
-        }
-        texts, dev_texts = TextPairs(tok, train_ex, **gen_kw), TextPairs(tok, dev_ex, **gen_kw)
+        lengths = {"max_length": opts.max_length, "max_target_length": opts.max_target_length}
+        texts, dev_texts = text_pairs(backbone, task.name, train_ex, dev_ex, **lengths)
         train_data, dev_data = texts.data, dev_texts.data
     else:
         enc = {"max_length": opts.max_length, "kind": task.kind, "labels": task.labels}

@@ -38,6 +38,12 @@ def cluster(moto_s3: MotoS3, tiny_model_dir: Path):  # noqa: F811
     """A local Ray cluster on 127.0.0.1 serving the application with 2 replicas over one S3 bucket."""
     from service.ray_app import RaySettings, build_app
 
+    # Serve's controller kills a proxy that has not answered its readiness check within 5 s three
+    # times; a proxy starting beside other CPU-bound work on 2 cores takes longer. The controller
+    # and proxy inherit this process's environment through ray.init.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
     bucket = moto_s3.new_bucket()
     env = {
         "ADAPTERSERVE_BACKBONE": str(tiny_model_dir),
@@ -77,6 +83,7 @@ def cluster(moto_s3: MotoS3, tiny_model_dir: Path):  # noqa: F811
     finally:
         serve.shutdown()
         ray.shutdown()
+        patch.undo()
 
 
 def test_routing_affinity_and_an_upload_served_by_both_replicas(

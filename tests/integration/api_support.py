@@ -238,9 +238,21 @@ class WorkerGate:
 
 
 @contextlib.asynccontextmanager
+async def app_client(settings, *, backbone: Backbone, timeout: float = 5.0):
+    """The real app (ASGI, in process) with `settings`, started and ready: a client."""
+    from service.app import create_app
+
+    app = create_app(settings, backbone=backbone)
+    async with app.router.lifespan_context(app):
+        await app.state.service.ready.wait()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=timeout) as client:
+            yield client
+
+
+@contextlib.asynccontextmanager
 async def serving(tmp_path: Path, artifact: Path, *, task: str, backbone: Backbone):
     """The real app (ASGI, in process) serving one artifact as `task` from a fresh store: a client."""
-    from service.app import create_app
     from service.settings import Settings
     from store.local import LocalStore
 
@@ -251,9 +263,5 @@ async def serving(tmp_path: Path, artifact: Path, *, task: str, backbone: Backbo
         weights_src=artifact / "adapter.safetensors",
     )
     settings = Settings(store=tmp_path / "store", admin_keys=[ADMIN], seed_dir=None, max_wait_ms=1.0, slots=4)
-    app = create_app(settings, backbone=backbone)
-    async with app.router.lifespan_context(app):
-        await app.state.service.ready.wait()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with app_client(settings, backbone=backbone) as client:
+        yield client

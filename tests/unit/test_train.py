@@ -10,11 +10,11 @@ import json
 import random
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from helpers import identity_tensors, tiny_bert
+from integration.api_support import app_client
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import BertTokenizerFast
@@ -37,7 +37,6 @@ from adapters.training.data import (
 )
 from adapters.training.export import write_artifact
 from adapters.training.trainer import TrainOptions, predict, train
-from service.app import create_app
 from service.settings import Settings
 from store.artifact import parse_config
 from store.local import LocalStore
@@ -266,12 +265,8 @@ async def test_artifact_round_trips_and_serves_the_trainers_predictions(
     want = predict(MultiTaskModel(backbone(), banks=BankConfig(slots=2)), result.config, result.tensors, data)
 
     settings = Settings(store=tmp_path / "store", admin_keys=[ADMIN], seed_dir=None, max_wait_ms=1.0, slots=4)
-    app = create_app(settings, backbone=backbone())
-    async with app.router.lifespan_context(app):
-        await app.state.service.ready.wait()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            resp = await client.post("/v1/tasks/demo/predict", json={"inputs": inputs})
+    async with app_client(settings, backbone=backbone()) as client:
+        resp = await client.post("/v1/tasks/demo/predict", json={"inputs": inputs})
     assert resp.status_code == 200, resp.text
     got = resp.json()["outputs"]
     for g, w in zip(got, want, strict=True):

@@ -9,11 +9,10 @@ and GPT-2 (decoder only).
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+from integration.api_support import app_client
 from test_train_generation import EXAMPLES, _saved, backbone
 
 from adapters.training.data import Example, TaskData
@@ -58,19 +57,13 @@ def test_one_hypernetwork_learns_two_generation_tasks_over_the_same_prompts(trai
         assert meta["baseline_exact_match"] == 0.0 and meta["dev_exact_match"] == 1.0
 
 
-@asynccontextmanager
-async def _seeded(tmp_path: Path, seed: Path, bb):
+def _seeded(tmp_path: Path, seed: Path, bb):
     """The real app (ASGI, in process) seeded from a directory laid out by `write_hyper_artifacts`."""
-    from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(store=tmp_path / "store", seed_dir=seed, max_wait_ms=1.0, slots=4)
-    app = create_app(settings, backbone=bb)
-    async with app.router.lifespan_context(app):
-        await app.state.service.ready.wait()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    return app_client(
+        Settings(store=tmp_path / "store", seed_dir=seed, max_wait_ms=1.0, slots=4), backbone=bb
+    )
 
 
 @pytest.mark.asyncio
