@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         at = argv.index("--")
         argv, passed = argv[:at], argv[at + 1 :]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Arguments after -- go to bench/quality.py: the budget (--train-examples, --epochs-for, ...).",
+    )
     p.add_argument("--tasks", default="CoLA,MRPC")
     p.add_argument("--methods", default=",".join(SWEPT))
     p.add_argument("--factors", default="1,3,10", help="multiples of each method's default rate (comma list)")

@@ -175,6 +175,7 @@ BENCHMARKS = (
     "http",
     "hyper",
     "quality",
+    "sweep",
     "embed",
     "soak",
     "generate",
