@@ -79,6 +79,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 Pfeiffer is as wide as the Houlsby row is in all (one site instead of two)."""
 PEER_ROWS = {"peft_lora": "lora"}
 """Rows trained by the peer library, each with the learning rate of our method it is compared with."""
+RATES_BEFORE_SWEEP = {
+    "full": 5e-5,
+    "bottleneck": 1e-3,
+    "parallel": 1e-3,
+    "lora": 1e-3,
+    "ia3": 5e-3,
+    "layernorm": 3e-3,
+    "prefix": 3e-3,
+    "mam": 1e-3,
+    "mh_parallel": 1e-3,
+    "compacter": 3e-3,
+    "tiny_attention": 1e-3,
+}
+"""`DEFAULT_LR` before the sweep of docs/results.md: the rate of a row whose budget does not record one
+(rows written before the budget named the rate)."""
 HYPER_METHODS = ("hyper_multi", "hyper_new")
 """Rows from a hypernetwork: generated bottleneck adapters (`adapters.training.hyper`), not per-task ones."""
 HYPER_REFERENCE = "bottleneck"
@@ -142,7 +157,8 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
             if config.get("seeds", 1) > 1
             else f"seed {config['seed']}, "
         )
-        + "each method at its default learning rate (`adapters.training.trainer.DEFAULT_LR`)"
+        + "each row at the peak learning rate of its rate column: its method's default "
+        "(`adapters.training.trainer.DEFAULT_LR`, as it was when the row ran)"
         + (
             " except " + ", ".join(f"{m} at {lr:g}" for m, lr in config["lr_for"].items())
             if config.get("lr_for")
@@ -175,13 +191,13 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
             f"per row. Metric: {metric_names}"
             + (" (score: their mean, as GLUE averages them)." if len(spec.metrics) > 1 else "."),
             "",
-            f"| method | trainable % | {metric_names} | score | vs full | seconds |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| method | trainable % | rate | {metric_names} | score | vs full | seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         base = config.get("baselines", {}).get(task) or first["baseline"]
         base_name = "mean prediction" if spec.regression else "majority class"
         out.append(
-            f"| *{base_name} baseline* | 0 | {_metric_cell(base, spec.metrics)} | {_fmt(base['score'])} | | |"
+            f"| *{base_name} baseline* | 0 | | {_metric_cell(base, spec.metrics)} | {_fmt(base['score'])} | | |"
         )
         full = next((r for r in task_rows if r["method"] == "full"), None)
         for r in task_rows:
@@ -192,8 +208,9 @@ def render(*, rows: list[dict], config: dict, complete: bool) -> str:
             )
             std = r.get("dev_std") or {}
             score = _fmt(r["dev"]["score"]) + (f" ± {_fmt(std['score'])}" if "score" in std else "")
+            rate = f"{r['budget']['lr']:g}" if r.get("budget", {}).get("lr") else ""
             out.append(
-                f"| {ROW_NAMES.get(r['method'], r['method'])} | {r['trainable_percent']:.3f} | "
+                f"| {ROW_NAMES.get(r['method'], r['method'])} | {r['trainable_percent']:.3f} | {rate} | "
                 f"{_metric_cell(r['dev'], spec.metrics, std)} | {score} | {gap} | {r['seconds']:.0f} |"
             )
             if full is not None:
@@ -382,9 +399,24 @@ def _rows_of(path: Path) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
             "warmup": cfg["warmup"],
             "seed": cfg["seed"],
         }
+        if "lr" not in budget and row["method"] not in HYPER_METHODS:
+            budget = budget | {"lr": RATES_BEFORE_SWEEP[base_method(row["method"])]}
         row = {**row, "budget": budget}
         out[(row["task"], row["method"], json.dumps(budget, sort_keys=True))] = row
     return out, list(cfg.get("commands") or [cfg["command"]])
+
+
+def base_method(row: str) -> str:
+    """The trainer method whose default rate a row trains at (variants: their method; the peer: ours)."""
+    return PEER_ROWS.get(row) or VARIANTS.get(row, (row, None))[0]
+
+
+def row_rate(row: str, lr_for: dict[str, float]) -> float:
+    """The peak learning rate a row trains at: its `--lr-for`, else its method's (the peer: ours)."""
+    from adapters.training.trainer import DEFAULT_LR
+
+    own = base_method(row)
+    return lr_for.get(row) or lr_for.get(own) or DEFAULT_LR[own]
 
 
 def _parse_pairs(items: list[str], *, flag: str) -> dict[str, float]:
@@ -460,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from adapters.backbone import load_backbone
     from adapters.training.data import load_glue
-    from adapters.training.trainer import DEFAULT_LR, TrainOptions, train
+    from adapters.training.trainer import TrainOptions, train
     from bench.quality_peft import train_peft_lora
 
     tasks = _names(args.tasks)
@@ -560,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     for task_name in tasks:
         task = task_data(task_name)
         for method in methods:
-            budget = budget_of(task_name, **({"lr": lr_for[method]} if method in lr_for else {}))
+            lr = row_rate(method, lr_for)
+            budget = budget_of(task_name, lr=lr)
             done = reused(task_name, method, budget)
             if done is not None:
                 add(done, fresh=False)
@@ -572,13 +605,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seed, args.seed + args.seeds):
                 log(f"{task_name} {method}: training (seed {seed})")
                 if method in PEER_ROWS:
-                    own = PEER_ROWS[method]
-                    lr = lr_for.get(method) or lr_for.get(own) or DEFAULT_LR[own]
                     results.append(train_peft_lora(task, options=options(task_name, seed=seed), lr=lr))
                     continue
                 # a fresh backbone per run: training wraps its projections, and `full` changes its weights
                 backbone = load_backbone(device="cpu", dtype="float32")
-                opts = options(task_name, seed=seed, lr=lr_for.get(method))
+                opts = options(task_name, seed=seed, lr=lr)
                 base_method, hyper = VARIANTS.get(method, (method, None))
                 results.append(train(backbone, task, method=base_method, hyper=hyper, options=opts))
             result = results[0]

@@ -4,8 +4,9 @@
         --dir sweep/ [--resume table.json] [--out sweep.md] -- [bench/quality.py budget flags]
 
 Every (task, factor) pair is one `bench/quality.py` run whose rows train each method at
-factor x its `DEFAULT_LR` (factor 1: the default itself, so rows of an earlier quality table at the same
-budget are reused through `--resume`), written to `DIR/TASK-xFACTOR.json`; a rerun reuses what
+factor x its `DEFAULT_LR` (`--around before`: x its rate before the recorded sweep; factor 1 is that
+rate itself, so rows of an earlier quality table at the same budget are reused through `--resume`),
+written to `DIR/TASK-xFACTOR.json`; a rerun reuses what
 those files hold, so an interrupted sweep continues, and two sweeps over different tasks can share a
 directory. The report shows each method's score per rate and task, and the rate with the best mean
 over the tasks: the value the defaults table cites.
@@ -22,19 +23,20 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import log
-from bench.quality import ROW_NAMES, VARIANTS, _names, _rows_of
+from bench.quality import RATES_BEFORE_SWEEP, ROW_NAMES, _names, _rows_of, base_method
 
-__all__ = ["choose", "default_lr", "main", "render"]
+__all__ = ["choose", "collect", "main", "render", "start_rate"]
 
 SWEPT = ("bottleneck", "parallel", "mh_parallel", "lora", "ia3", "mam", "compacter", "tiny_attention")
 """One row per key of `DEFAULT_LR` (the variants share their method's rate; prefix has its own sweep)."""
 
 
-def default_lr(method: str) -> float:
-    """The trainer's default peak rate of a quality-table row (variants use their method's)."""
+def start_rate(method: str, *, around: str = "current") -> float:
+    """The rate a row's factors multiply: its method's `DEFAULT_LR` now, or before the recorded sweep."""
     from adapters.training.trainer import DEFAULT_LR
 
-    return DEFAULT_LR[VARIANTS.get(method, (method, None))[0]]
+    table = RATES_BEFORE_SWEEP if around == "before" else DEFAULT_LR
+    return table[base_method(method)]
 
 
 def _label(factor: float) -> str:
@@ -54,8 +56,7 @@ def collect(paths: list[Path], *, methods: list[str], tasks: list[str]) -> dict[
         rows, _ = _rows_of(path)
         for (task, method, _), row in rows.items():
             if task in tasks and method in methods:
-                lr = row["budget"].get("lr") or default_lr(method)
-                out[(task, method, float(f"{lr:.3g}"))] = row
+                out[(task, method, float(f"{row['budget']['lr']:.3g}"))] = row
     return out
 
 
@@ -73,7 +74,12 @@ def choose(
 
 
 def render(
-    rows: dict[tuple[str, str, float], dict], *, methods: list[str], tasks: list[str], factors: list[float]
+    rows: dict[tuple[str, str, float], dict],
+    *,
+    methods: list[str],
+    tasks: list[str],
+    factors: list[float],
+    around: str = "current",
 ) -> str:
     """The sweep as markdown: score per method, rate and task; the best mean rate in bold."""
     lines = [
@@ -81,12 +87,12 @@ def render(
         "|---|---:|" + "---:|" * (len(tasks) + 1),
     ]
     summary = [
-        "| method | default | best rate | mean at default | mean at best |",
+        "| method | start rate (x1) | best rate | mean at x1 | mean at best |",
         "|---|---:|---:|---:|---:|",
     ]
     missing = []
     for method in methods:
-        rates = [float(f"{default_lr(method) * f:.3g}") for f in factors]
+        rates = [float(f"{start_rate(method, around=around) * f:.3g}") for f in factors]
         best, means = choose(rows, method=method, tasks=tasks, rates=rates)
         for lr in rates:
             cells = []
@@ -99,7 +105,7 @@ def render(
             if lr == best:
                 mean = f"**{mean}**"
             lines.append(f"| {ROW_NAMES[method]} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
-        base = float(f"{default_lr(method):.3g}")
+        base = float(f"{start_rate(method, around=around):.3g}")
         if best is not None:
             at_default = f"{100 * means[base]:.1f}" if base in means else "—"
             summary.append(
@@ -133,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="CoLA,MRPC")
     p.add_argument("--methods", default=",".join(SWEPT))
     p.add_argument("--factors", default="1,3,10", help="multiples of each method's default rate (comma list)")
+    p.add_argument(
+        "--around",
+        choices=("current", "before"),
+        default="current",
+        help="what the factors multiply: each method's DEFAULT_LR, or its rate before the recorded sweep",
+    )
     p.add_argument("--dir", type=Path, required=True, help="one quality JSON per (task, factor) is kept here")
     p.add_argument(
         "--resume", type=Path, action="append", default=[], help="earlier quality runs' --json files to reuse"
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for factor in factors:
             for task in tasks:
                 path = _run_file(args.dir, task, factor)
-                rates = [] if factor == 1 else [f"--lr-for={m}={default_lr(m) * factor:.3g}" for m in methods]
+                rates = [f"--lr-for={m}={start_rate(m, around=args.around) * factor:.3g}" for m in methods]
                 resume = [f"--resume={r}" for r in [*args.resume, path] if r.exists()]
                 quality.main(
                     [
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args, *, tasks: list[str], methods: list[str], factors: list[float]) -> None:
     paths = [*args.resume, *sorted(args.dir.glob("*-x*.json"))]
     rows = collect(paths, methods=methods, tasks=tasks)
-    text = render(rows, methods=methods, tasks=tasks, factors=factors)
+    text = render(rows, methods=methods, tasks=tasks, factors=factors, around=args.around)
     out = args.out or args.dir / "sweep.md"
     out.write_text(text, encoding="utf-8")
     log(f"sweep report: {out} ({len(rows)} rows from {len(paths)} files)")

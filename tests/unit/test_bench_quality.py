@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.quality import _previous_rows, _steps, render
+from bench.quality import RATES_BEFORE_SWEEP, _previous_rows, _steps, render
 
 
 def _config(**extra) -> dict:
@@ -78,7 +78,10 @@ def test_no_hypernetwork_section_without_hypernetwork_rows():
 
 def test_budget_text_names_per_task_lengths_and_learning_rates():
     """A task trained at another length, and a method at another learning rate, are stated."""
-    text = render(rows=[_row("SST-2", "full", 0.8)], config=_config(lr_for={"full": 1e-4}), complete=True)
+    text = render(
+        rows=[_row("SST-2", "full", 0.8, lr=1e-4)], config=_config(lr_for={"full": 1e-4}), complete=True
+    )
+    assert "| full fine-tuning | 1.000 | 0.0001 | 80.0 | 80.0 |  | 10 |" in text  # each row names its rate
     assert "max length 64 tokens (RTE: 128)" in text
     assert "except full at 0.0001" in text
     assert "## RTE\n\n(not measured)" in text
@@ -94,15 +97,19 @@ def test_resume_reuses_a_row_only_under_the_same_budget(tmp_path):
     key = (
         "RTE",
         "full",
-        json.dumps({"train_examples": 2000, "epochs": 2.0, "max_length": 128}, sort_keys=True),
+        json.dumps({"train_examples": 2000, "epochs": 2.0, "max_length": 128, "lr": 5e-5}, sort_keys=True),
     )
     assert found[key]["dev"]["score"] == 0.58
     other = (
         "RTE",
         "full",
-        json.dumps({"train_examples": 2000, "epochs": 2.0, "max_length": 64}, sort_keys=True),
+        json.dumps({"train_examples": 2000, "epochs": 2.0, "max_length": 64, "lr": 5e-5}, sort_keys=True),
     )
     assert other not in found
+    # the rate is part of the budget: a row without one ran at its method's rate before the sweep
+    assert found[key]["budget"]["lr"] == RATES_BEFORE_SWEEP["full"]
+    lora = ("RTE", "lora", json.dumps(rows[1]["budget"] | {"lr": RATES_BEFORE_SWEEP["lora"]}, sort_keys=True))
+    assert found[lora]["dev"]["score"] == 0.55
 
 
 @pytest.mark.parametrize(("n", "epochs", "expected"), [(2000, 2.0, 126), (2490, 3.0, 234), (8, 1.0, 1)])

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from adapters.training.trainer import DEFAULT_LR
+from bench.quality import RATES_BEFORE_SWEEP
 from bench.sweep import choose, collect, main, render
 
 
 def _run(path, rows: list[tuple[str, str, float, float | None]]) -> None:
-    """A quality --json file: (task, method, score, rate or None for the default) per row."""
+    """A quality --json file: (task, method, score, rate or None: a row that predates recorded rates) per row."""
     config = {"command": "python bench/quality.py", "train_examples": 2000, "epochs": 3.0}
     out = []
     for task, method, score, lr in rows:
@@ -26,7 +26,7 @@ def test_the_best_rate_is_the_best_mean_over_the_tasks_and_incomplete_rates_do_n
     _run(tmp_path / "x3.json", [("CoLA", "lora", 0.20, 0.003), ("MRPC", "lora", 0.80, 0.003)])
     _run(tmp_path / "x10.json", [("CoLA", "lora", 0.40, 0.01)])
     rows = collect(sorted(tmp_path.glob("*.json")), methods=["lora"], tasks=["CoLA", "MRPC"])
-    assert DEFAULT_LR["lora"] == 1e-3  # the table's row without a rate counts as the default
+    assert RATES_BEFORE_SWEEP["lora"] == 1e-3  # a row without a rate ran at the rate before the sweep
     assert set(rows) == {
         ("CoLA", "lora", 0.001),
         ("MRPC", "lora", 0.001),
@@ -38,7 +38,7 @@ def test_the_best_rate_is_the_best_mean_over_the_tasks_and_incomplete_rates_do_n
     assert best == 0.003
     assert means == pytest.approx({0.001: 0.45, 0.003: 0.50})
 
-    text = render(rows, methods=["lora"], tasks=["CoLA", "MRPC"], factors=[1, 3, 10])
+    text = render(rows, methods=["lora"], tasks=["CoLA", "MRPC"], factors=[1, 3, 10], around="before")
     assert "| LoRA (r=8, q+v) | 0.003 | 20.0 | 80.0 | **50.0** |" in text
     assert "| LoRA (r=8, q+v) | 0.01 | 40.0 | — | — |" in text
     assert "| LoRA (r=8, q+v) | 0.001 | 0.003 | 45.0 | 50.0 |" in text
@@ -46,7 +46,7 @@ def test_the_best_rate_is_the_best_mean_over_the_tasks_and_incomplete_rates_do_n
 
 
 def test_variants_sweep_around_their_methods_rate(tmp_path):
-    """Compacter++ has no rate of its own: its factors multiply Compacter's default."""
+    """Compacter++ has no rate of its own: its rows without a rate ran at Compacter's."""
     _run(tmp_path / "a.json", [("CoLA", "compacter_pp", 0.3, None), ("CoLA", "compacter_pp", 0.4, 0.009)])
     rows = collect([tmp_path / "a.json"], methods=["compacter_pp"], tasks=["CoLA"])
     assert set(rows) == {("CoLA", "compacter_pp", 0.003), ("CoLA", "compacter_pp", 0.009)}
