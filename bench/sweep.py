@@ -3,13 +3,13 @@
     python bench/sweep.py --tasks CoLA,MRPC --methods bottleneck,parallel,lora --factors 1,3,10 \
         --dir sweep/ [--resume table.json] [--out sweep.md] -- [bench/quality.py budget flags]
 
-Every (task, factor) pair is one `bench/quality.py` run whose rows train each method at
-factor x its `DEFAULT_LR` (`--around before`: x its rate before the recorded sweep; factor 1 is that
-rate itself, so rows of an earlier quality table at the same budget are reused through `--resume`),
-written to `DIR/TASK-xFACTOR.json`; a rerun reuses what
-those files hold, so an interrupted sweep continues, and two sweeps over different tasks can share a
-directory. The report shows each method's score per rate and task, and the rate with the best mean
-over the tasks: the value the defaults table cites.
+Each (task, factor, method) is one `bench/quality.py` row trained at factor x the method's
+`DEFAULT_LR` (`--around before`: x its rate before the recorded sweep; factor 1 is that rate itself,
+so rows of an earlier quality table at the same budget are reused through `--resume`), written to
+`DIR/TASK-xFACTOR-METHOD.json`. A rerun reuses what every file there holds, so an interrupted sweep
+continues, and sweeps over different tasks or methods can share a directory. The report shows each
+method's score per rate and task, and the rate with the best mean over the tasks: the value the
+defaults table cites.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _label(factor: float) -> str:
     return f"x{factor:g}"
 
 
-def _run_file(directory: Path, task: str, factor: float) -> Path:
-    return directory / f"{task}-{_label(factor)}.json"
+def _run_file(directory: Path, task: str, factor: float, method: str) -> Path:
+    return directory / f"{task}-{_label(factor)}-{method}.json"
 
 
 def collect(paths: list[Path], *, methods: list[str], tasks: list[str]) -> dict[tuple[str, str, float], dict]:
@@ -165,27 +165,33 @@ def main(argv: list[str] | None = None) -> int:
 
         for factor in factors:
             for task in tasks:
-                path = _run_file(args.dir, task, factor)
-                rates = [f"--lr-for={m}={start_rate(m, around=args.around) * factor:.3g}" for m in methods]
-                resume = [f"--resume={r}" for r in [*args.resume, path] if r.exists()]
-                quality.main(
-                    [
-                        *passed,
-                        f"--tasks={task}",
-                        f"--methods={','.join(methods)}",
-                        *rates,
-                        *resume,
-                        f"--json={path}",
-                        f"--out={path.with_suffix('.md')}",
-                    ]
-                )
-                _write(args, tasks=tasks, methods=methods, factors=factors)
+                for method in methods:
+                    # one file per row: runs over other methods or tasks never overwrite it
+                    path = _run_file(args.dir, task, factor, method)
+                    lr = start_rate(method, around=args.around) * factor
+                    resume = [p for p in [*args.resume, *_measured(args.dir)] if p.exists()]
+                    quality.main(
+                        [
+                            *passed,
+                            f"--tasks={task}",
+                            f"--methods={method}",
+                            f"--lr-for={method}={lr:.3g}",
+                            *[f"--resume={r}" for r in resume],
+                            f"--json={path}",
+                            f"--out={path.with_suffix('.md')}",
+                        ]
+                    )
+                    _write(args, tasks=tasks, methods=methods, factors=factors)
     _write(args, tasks=tasks, methods=methods, factors=factors)
     return 0
 
 
+def _measured(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*-x*.json"))
+
+
 def _write(args, *, tasks: list[str], methods: list[str], factors: list[float]) -> None:
-    paths = [*args.resume, *sorted(args.dir.glob("*-x*.json"))]
+    paths = [*args.resume, *_measured(args.dir)]
     rows = collect(paths, methods=methods, tasks=tasks)
     text = render(rows, methods=methods, tasks=tasks, factors=factors, around=args.around)
     out = args.out or args.dir / "sweep.md"
