@@ -60,16 +60,27 @@ def collect(paths: list[Path], *, methods: list[str], tasks: list[str]) -> dict[
     return out
 
 
+MARGIN = 0.005
+"""A rate replaces the start rate (the first one) only when its mean is better by more than this
+(0.5 points): below it, one seed on these dev sets cannot tell the two apart."""
+
+
 def choose(
     rows: dict[tuple[str, str, float], dict], *, method: str, tasks: list[str], rates: list[float]
 ) -> tuple[float | None, dict[float, float]]:
-    """Mean dev score per rate over the tasks every such rate was measured on, and the best rate."""
+    """Mean dev score per rate over the tasks every such rate was measured on, and the rate chosen:
+    the best mean, unless it beats the start rate (`rates[0]`) by no more than `MARGIN`."""
     means = {}
     for lr in rates:
         scores = [rows[(t, method, lr)]["dev"]["score"] for t in tasks if (t, method, lr) in rows]
         if len(scores) == len(tasks):
             means[lr] = sum(scores) / len(scores)
-    best = max(means, key=means.get) if means else None
+    if not means:
+        return None, means
+    best = max(means, key=means.get)
+    start = rates[0]
+    if start in means and means[best] - means[start] <= MARGIN:
+        best = start
     return best, means
 
 
@@ -87,7 +98,7 @@ def render(
         "|---|---:|" + "---:|" * (len(tasks) + 1),
     ]
     summary = [
-        "| method | start rate (x1) | best rate | mean at x1 | mean at best |",
+        "| method | start rate (x1) | chosen rate | mean at x1 | mean at chosen |",
         "|---|---:|---:|---:|---:|",
     ]
     missing = []
@@ -103,7 +114,7 @@ def render(
                     missing.append(f"{task} {method} at {lr:g}")
             mean = f"{100 * means[lr]:.1f}" if lr in means else "—"
             if lr == best:
-                mean = f"**{mean}**"
+                mean = f"**{mean}**"  # the rate chosen
             lines.append(f"| {ROW_NAMES[method]} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
         base = float(f"{start_rate(method, around=around):.3g}")
         if best is not None:

@@ -184,3 +184,29 @@ def test_an_unknown_method_is_refused_before_any_training():
 
     with pytest.raises(SystemExit, match="unknown --methods \\['lora2'\\]"):
         main(["--methods", "full,lora2", "--tasks", "SST-2"])
+
+
+def test_a_row_measured_only_before_a_default_changed_is_shown_at_its_rate_and_named(tmp_path):
+    """`--no-train`: LoRA's default moved from 1e-3 to 3e-3 and only the 1e-3 row exists: it is shown
+    with its rate and listed as measured at the earlier rate; a row at today's rate takes its place."""
+    from adapters.training.trainer import DEFAULT_LR
+    from bench.quality import main
+
+    assert DEFAULT_LR["lora"] != RATES_BEFORE_SWEEP["lora"]
+    budget = {"max_length": 64, "batch_size": 32, "warmup": 0.06, "seed": 0}
+    old = _row("RTE", "lora", 0.55, **budget)  # no rate recorded: it ran at 1e-3
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"config": _config(), "rows": [old]}), encoding="utf-8")
+    out = tmp_path / "t.md"
+    args = ["--tasks", "RTE", "--methods", "lora", "--train-examples", "2000", "--epochs", "2"]
+    assert main([*args, "--resume", str(path), "--no-train", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| LoRA (r=8, q+v) | 1.000 | 0.001 | 55.0 | 55.0 |" in text
+    assert "rate column says which): RTE LoRA (r=8, q+v)." in text
+
+    new = _row("RTE", "lora", 0.60, **budget, lr=DEFAULT_LR["lora"])
+    path.write_text(json.dumps({"config": _config(), "rows": [old, new]}), encoding="utf-8")
+    assert main([*args, "--resume", str(path), "--no-train", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| LoRA (r=8, q+v) | 1.000 | 0.003 | 60.0 | 60.0 |" in text
+    assert "rate column says which" not in text

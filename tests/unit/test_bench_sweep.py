@@ -41,8 +41,19 @@ def test_the_best_rate_is_the_best_mean_over_the_tasks_and_incomplete_rates_do_n
     text = render(rows, methods=["lora"], tasks=["CoLA", "MRPC"], factors=[1, 3, 10], around="before")
     assert "| LoRA (r=8, q+v) | 0.003 | 20.0 | 80.0 | **50.0** |" in text
     assert "| LoRA (r=8, q+v) | 0.01 | 40.0 | — | — |" in text
-    assert "| LoRA (r=8, q+v) | 0.001 | 0.003 | 45.0 | 50.0 |" in text
+    assert "| LoRA (r=8, q+v) | 0.001 | 0.003 | 45.0 | 50.0 |" in text  # x3 beats x1 by 5 points
     assert "Not measured: MRPC lora at 0.01." in text
+
+
+def test_a_rate_within_half_a_point_of_the_start_rate_does_not_replace_it(tmp_path):
+    """x3 beats x1 by 0.4 points of mean: noise at one seed, so x1 stays; by 0.6 points it wins."""
+    _run(tmp_path / "a.json", [("CoLA", "lora", 0.100, None), ("CoLA", "lora", 0.104, 0.003)])
+    rows = collect([tmp_path / "a.json"], methods=["lora"], tasks=["CoLA"])
+    best, means = choose(rows, method="lora", tasks=["CoLA"], rates=[0.001, 0.003])
+    assert best == 0.001 and means[0.003] > means[0.001]
+    _run(tmp_path / "a.json", [("CoLA", "lora", 0.100, None), ("CoLA", "lora", 0.106, 0.003)])
+    rows = collect([tmp_path / "a.json"], methods=["lora"], tasks=["CoLA"])
+    assert choose(rows, method="lora", tasks=["CoLA"], rates=[0.001, 0.003])[0] == 0.003
 
 
 def test_variants_sweep_around_their_methods_rate(tmp_path):
