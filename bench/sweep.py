@@ -127,7 +127,10 @@ def render(
     out = [
         *lines,
         "",
-        "Best mean over " + ", ".join(tasks) + " (rates with every task measured):",
+        "Rate chosen over "
+        + ", ".join(tasks)
+        + " (the best mean of the rates with every task measured; the x1 rate unless beaten by more than"
+        + f" {100 * MARGIN:g} points):",
         "",
         *summary,
     ]
