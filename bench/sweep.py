@@ -23,7 +23,15 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import log
-from bench.quality import RATES_BEFORE_SWEEP, ROW_NAMES, _names, _rows_of, base_method
+from bench.quality import (
+    HYPER_METHODS,
+    PEER_ROWS,
+    RATES_BEFORE_SWEEP,
+    ROW_NAMES,
+    _names,
+    _previous_rows,
+    base_method,
+)
 
 __all__ = ["choose", "collect", "main", "render", "start_rate"]
 
@@ -39,25 +47,23 @@ def start_rate(method: str, *, around: str = "current") -> float:
     return table[base_method(method)]
 
 
-def _label(factor: float) -> str:
-    return f"x{factor:g}"
+def _rate(lr: float) -> float:
+    """A rate as rows are keyed by it: three significant digits (3 x 1e-3 and 0.003 are one rate)."""
+    return float(f"{lr:.3g}")
 
 
 def _run_file(directory: Path, task: str, factor: float, method: str) -> Path:
-    return directory / f"{task}-{_label(factor)}-{method}.json"
+    return directory / f"{task}-x{factor:g}-{method}.json"
 
 
 def collect(paths: list[Path], *, methods: list[str], tasks: list[str]) -> dict[tuple[str, str, float], dict]:
-    """Rows of quality runs by (task, method, rate): a row without a rate in its budget ran at the default."""
-    out: dict[tuple[str, str, float], dict] = {}
-    for path in paths:
-        if not path.exists():
-            continue
-        rows, _ = _rows_of(path)
-        for (task, method, _), row in rows.items():
-            if task in tasks and method in methods:
-                out[(task, method, float(f"{row['budget']['lr']:.3g}"))] = row
-    return out
+    """Rows of quality runs by (task, method, rate); rows that predate recorded rates count at the rate they ran at."""
+    rows, _ = _previous_rows([p for p in paths if p.exists()])
+    return {
+        (task, method, _rate(row["budget"]["lr"])): row
+        for (task, method, _), row in rows.items()
+        if task in tasks and method in methods
+    }
 
 
 MARGIN = 0.005
@@ -103,7 +109,9 @@ def render(
     ]
     missing = []
     for method in methods:
-        rates = [float(f"{start_rate(method, around=around) * f:.3g}") for f in factors]
+        base = _rate(start_rate(method, around=around))
+        # the start rate first: it is what every other rate must beat
+        rates = [base, *(r for r in (_rate(base * f) for f in factors) if r != base)]
         best, means = choose(rows, method=method, tasks=tasks, rates=rates)
         for lr in rates:
             cells = []
@@ -116,7 +124,6 @@ def render(
             if lr == best:
                 mean = f"**{mean}**"  # the rate chosen
             lines.append(f"| {ROW_NAMES[method]} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
-        base = float(f"{start_rate(method, around=around):.3g}")
         if best is not None:
             at_default = f"{100 * means[base]:.1f}" if base in means else "—"
             summary.append(
@@ -140,7 +147,7 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the quality rows each (task, factor) still lacks, then write the sweep's report."""
+    """Train the (task, factor, method) rows not yet measured, then write the sweep's report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     passed: list[str] = []
     if "--" in argv:
@@ -159,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         default="current",
         help="what the factors multiply: each method's DEFAULT_LR, or its rate before the recorded sweep",
     )
-    p.add_argument("--dir", type=Path, required=True, help="one quality JSON per (task, factor) is kept here")
+    p.add_argument(
+        "--dir", type=Path, required=True, help="one quality JSON per (task, factor, method) is kept here"
+    )
     p.add_argument(
         "--resume", type=Path, action="append", default=[], help="earlier quality runs' --json files to reuse"
     )
@@ -168,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tasks, methods = _names(args.tasks), _names(args.methods)
     factors = [float(f) for f in _names(args.factors)]
-    unknown = [
-        m for m in methods if m not in ROW_NAMES or m in ("full", "peft_lora", "hyper_multi", "hyper_new")
-    ]
+    unknown = [m for m in methods if m not in ROW_NAMES or m == "full" or m in (*PEER_ROWS, *HYPER_METHODS)]
     if unknown:
         raise SystemExit(f"cannot sweep {unknown}: the sweep is over adapter methods with a default rate")
     args.dir.mkdir(parents=True, exist_ok=True)
